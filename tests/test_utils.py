@@ -1,0 +1,94 @@
+"""utils: RNG state round trip, atomic writes, checkpoint loading errors, AMP choice, progress plot."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+
+
+def test_rng_state_round_trip_reproduces_every_generator():
+    utils.seed_everything(123)
+    state = utils.get_rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    utils.seed_everything(999)
+    utils.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_rng_state_survives_weights_only_load(tmp_path):
+    utils.seed_everything(5)
+    utils.atomic_torch_save({"rng": utils.get_rng_state()}, tmp_path / "s.pt")
+    expected = torch.rand(3)
+    utils.seed_everything(6)
+    utils.set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_atomic_write_leaves_no_temp_files_and_replaces(tmp_path):
+    target = tmp_path / "sub" / "a.txt"
+    utils.atomic_write_text(target, "one")
+    utils.atomic_write_text(target, "two")
+    assert target.read_text() == "two"
+    assert [p.name for p in target.parent.iterdir()] == ["a.txt"]
+
+
+def test_atomic_write_failure_keeps_old_file(tmp_path):
+    target = tmp_path / "ckpt.pt"
+    utils.atomic_torch_save({"model": {}, "config": {}}, target)
+    before = target.read_bytes()
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        utils.atomic_torch_save({"x": Unpicklable()}, target)
+    assert target.read_bytes() == before
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None])
+def test_load_checkpoint_errors_name_the_file(tmp_path, content):
+    path = tmp_path / "best.pt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(utils.CheckpointError, match="best.pt"):
+        utils.load_checkpoint(path)
+
+
+def test_load_checkpoint_refuses_foreign_objects(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": {}, "obj": object()}, path)
+    with pytest.raises(utils.CheckpointError, match="evil.pt"):
+        utils.load_checkpoint(path)
+    torch.save({"weights": torch.zeros(1)}, path)
+    with pytest.raises(utils.CheckpointError, match="not a hipmri-seg checkpoint"):
+        utils.load_checkpoint(path)
+
+
+def test_amp_dtype_choice():
+    cpu = torch.device("cpu")
+    assert utils.amp_dtype_for(cpu, enabled=False) is None
+    expected = torch.bfloat16 if utils.cpu_has_native_bf16() else None
+    assert utils.amp_dtype_for(cpu, enabled=True) is expected
+    with utils.autocast(cpu, torch.bfloat16):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with utils.autocast(cpu, None):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_plot_progress_writes_png(tmp_path):
+    history = []
+    for epoch in range(1, 5):
+        row = {"epoch": epoch, "train_loss": 1 / epoch, "val_loss": math.nan if epoch % 2 else 1.2 / epoch,
+               "lr": 1e-3 * epoch}
+        for name in utils.CLASS_NAMES[1:]:
+            row[f"dice_{name}"] = math.nan if epoch % 2 else 0.2 * epoch
+        row["dice_mean_fg"] = math.nan if epoch % 2 else 0.2 * epoch
+        history.append(row)
+    utils.plot_progress(history, tmp_path / "progress.png")
+    assert (tmp_path / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,246 @@
+"""Shared helpers: class names, seeding and RNG state, device and AMP choice, atomic writes,
+checkpoint I/O, logging set-up and the training-progress plot.
+
+Nothing here runs at import time; matplotlib is imported inside the plotting function so that
+importing utils stays cheap for workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CLASS_NAMES = ("background", "body", "bone", "bladder", "rectum", "prostate")
+NUM_CLASSES = len(CLASS_NAMES)
+# Overlay colours per foreground label (matplotlib colour strings), one spelling for every picture we draw.
+CLASS_COLOURS = {1: "#e9c46a", 2: "#f4f1de", 3: "#2a9d8f", 4: "#e76f51", 5: "#d62dc4"}
+
+log = logging.getLogger("hipmri")
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be read as one of ours; the message names the file."""
+
+
+# ---------------------------------------------------------------- seeding and RNG state
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """All global RNG states, as tensors and plain types so `torch.load(weights_only=True)` can read them."""
+    np_state = np.random.get_state()
+    state = {
+        "python": json.dumps(random.getstate()),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `get_rng_state` returned."""
+    version, internal, gauss = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- device and mixed precision
+
+
+def choose_device(name: str | None = None) -> torch.device:
+    """`name` ("cpu", "cuda", "cuda:1") or the best available: CUDA, then Apple MPS, then CPU."""
+    if name:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def amp_dtype_for(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """The autocast dtype to use on `device`, or None for fp32.
+
+    CUDA: bf16 where the GPU supports it (Ampere and later), else fp16 (which needs a GradScaler).
+    CPU: bf16 only with native bf16 instructions; elsewhere it is emulated and slower than fp32.
+    """
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """An autocast context for `dtype`, or a disabled one for fp32 (same call site either way)."""
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def channels_last_format(spatial_dims: int) -> torch.memory_format:
+    """The channels-last memory format for 2D (NHWC) or 3D (NDHWC) tensors."""
+    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+
+
+# ---------------------------------------------------------------- atomic writes and checkpoints
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the new one, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save through a temporary file and a rename: a kill at any moment leaves no corrupt file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load one of our checkpoints with `weights_only=True` (never unpickles arbitrary objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file (expected RUN/best.pt or RUN/last.pt from train.py)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files; all mean the same here
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: cannot be read as a hipmri-seg checkpoint "
+                              f"({type(exc).__name__}: {reason})") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path}: not a hipmri-seg checkpoint (no 'model' and 'config' entries)")
+    return ckpt
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+# ---------------------------------------------------------------- logging
+
+
+def setup_logging(verbose: bool = False, rank: int = 0, log_file: str | os.PathLike | None = None) -> None:
+    """Configure the root logger once: INFO (DEBUG with `verbose`) on rank 0, warnings only elsewhere."""
+    level = logging.DEBUG if verbose else logging.INFO
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_file is not None and rank == 0:
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=level if rank == 0 else logging.WARNING, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+# ---------------------------------------------------------------- plots
+
+
+def plot_progress(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+    """One `progress.png` with three panels: train/val loss, per-class validation Dice, learning rate.
+
+    `history` rows are the rows of metrics.csv: `epoch`, `train_loss`, `val_loss`, `lr`,
+    `dice_<class>` for each foreground class and `dice_mean_fg` (NaN where not validated).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_dice, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    ax_loss.plot(epochs, [row["train_loss"] for row in history], label="train", color="#264653")
+    val = [(row["epoch"], row["val_loss"]) for row in history if np.isfinite(row.get("val_loss", np.nan))]
+    if val:
+        ax_loss.plot(*zip(*val), "o-", label="validation", color="#e76f51", ms=3)
+    ax_loss.set(title="Loss", xlabel="epoch", ylabel="loss")
+    ax_loss.legend()
+    _plot_dice_panel(ax_dice, history)
+    ax_lr.plot(epochs, [row["lr"] for row in history], color="#2a9d8f")
+    ax_lr.set(title="Learning rate (end of epoch)", xlabel="epoch", ylabel="lr")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    for ax in (ax_loss, ax_dice, ax_lr):
+        ax.grid(alpha=0.3)
+    buffer = _figure_png_bytes(fig)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer)
+
+
+def _plot_dice_panel(ax, history: Sequence[dict[str, Any]]) -> None:
+    rows = [row for row in history if np.isfinite(row.get("dice_mean_fg", np.nan))]
+    ax.set(title="Validation Dice (hard, per case, mean)", xlabel="epoch", ylabel="Dice", ylim=(0, 1))
+    if not rows:
+        ax.text(0.5, 0.5, "no validation yet", ha="center", va="center", transform=ax.transAxes)
+        return
+    epochs = [row["epoch"] for row in rows]
+    colours = dict(CLASS_COLOURS)
+    colours[2] = "#8d99ae"  # bone's overlay colour is near-white; a grey reads better on a white plot
+    for label, name in enumerate(CLASS_NAMES[1:], start=1):
+        ax.plot(epochs, [row[f"dice_{name}"] for row in rows], "o-", ms=3, label=name, color=colours[label])
+    ax.plot(epochs, [row["dice_mean_fg"] for row in rows], "k--", lw=2, label="mean foreground")
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def _figure_png_bytes(fig) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
