@@ -1,0 +1,36 @@
+"""Shared fixtures: small phantom data sets in the real layouts, generated once per test session."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def phantom_2d_dir(tmp_path_factory):
+    """2D layout: 4 patients x 1 week (train/validate/test = 2/1/1 patients), 60 slices per volume;
+    case_005_week_0 is the 256x144 volume and case_006_week_0 has the trailing-singleton (256, 128, 1) files."""
+    import phantom
+
+    out = tmp_path_factory.mktemp("phantom") / "phantom_2d"
+    phantom.write_dataset(out, layout="2d", patients=4, weeks=1, seed=0, workers=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def phantom_3d_dir(tmp_path_factory):
+    """3D layout, anonymised naming: 3 patients x 1 week of full-size volumes (256x256x128, 1.5625 x 1.5625 x
+    2.5 mm); Case_005_Week0 is the 256x256x144 volume."""
+    import phantom
+
+    out = tmp_path_factory.mktemp("phantom") / "phantom_3d"
+    phantom.write_dataset(out, layout="3d", patients=3, weeks=1, seed=0, workers=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def phantom_3d_small_dir(tmp_path_factory):
+    """3D layout at a quarter of the resolution (64x64x32 voxels, same field of view), 3 patients x 1 week:
+    for training and sliding-window tests that would take minutes at full size on a CPU."""
+    import phantom
+
+    out = tmp_path_factory.mktemp("phantom") / "phantom_3d_small"
+    phantom.write_dataset(out, layout="3d", patients=3, weeks=1, seed=0, workers=1, shape=(64, 64, 32))
+    return out
