@@ -1,0 +1,986 @@
+"""HipMRI data: find and pair files, read and check them, cache them decoded, split by patient, feed batches.
+
+Layouts (see DESIGN.md "The data"); `detect_layout` tells them apart and `find_pairs` pairs files by
+the case/week/slice parsed from their names, never by sorted position:
+
+    2D  ROOT/keras_slices_{train,validate,test}/case_004_week_0_slice_7.nii.gz
+        ROOT/keras_slices_seg_{train,validate,test}/seg_004_week_0_slice_7.nii.gz
+    3D  ROOT/semantic_MRs_anon/Case_004_Week0_LFOV.nii.gz
+        ROOT/semantic_labels_anon/Case_004_Week0_SEMANTIC_LFOV.nii.gz
+    or  ROOT/semantic_MRs/B006_Week0_LFOV.nii.gz
+        ROOT/semantic_labels_only/B006_Week0_SEMANTIC.nii.gz
+
+A *case* is one scan (patient + week). In 2D its slices are stacked in slice order into (n_slices, H, W);
+in 3D it is the (X, Y, Z) volume in nibabel's axis order. `load_split` decodes a split once into a
+memory-mapped cache and returns a `CaseSet`; `DeviceBatchSource` keeps it on the training device and
+samples batches there. `python dataset.py check DATA_DIR` prints an integrity report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+import zlib
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+from tqdm import tqdm
+
+from augment import AugmentConfig, augment_batch
+from utils import CLASS_NAMES, NUM_CLASSES, setup_logging, write_json
+
+__all__ = ["AugmentConfig", "CaseSet", "DataConfig", "DataError", "DeviceBatchSource", "Pair", "SliceDataset",
+           "augment_batch", "check_data", "default_cache_dir", "detect_layout", "find_pairs", "load_split",
+           "load_split_file", "main", "measure_read_speed", "normalise", "read_image", "read_label", "resize_slices",
+           "save_split", "split_by_patient", "voxel_spacing"]
+
+log = logging.getLogger("hipmri.dataset")
+
+SPLITS = ("train", "validate", "test")
+CACHE_VERSION = 2  # bump whenever the code changes what a cache holds: old caches are then rebuilt
+_LISTED = 5  # offending files named in an error message before "... and N more"
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError)
+
+
+class DataError(Exception):
+    """Bad or missing input data; the message names the file(s) and the problem."""
+
+
+# ---------------------------------------------------------------- find and pair
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One image file and its label file (None for unlabelled input)."""
+
+    key: str  # "case_004_week_0_slice_7" (2D) or "Case_004_Week0" / "B006_Week0" (3D); unique within a split
+    case_id: str  # patient id as written in the name, e.g. "004"
+    week: int
+    slice_index: int | None  # 2D only
+    image: Path
+    label: Path | None
+
+    @property
+    def case_key(self) -> str:
+        """The scan this file belongs to: "case_004_week_0" (2D) or the 3D key."""
+        return self.key if self.slice_index is None else self.key.rsplit("_slice_", 1)[0]
+
+
+@dataclass(frozen=True)
+class _Naming:
+    """Where one layout keeps images and labels, how their names parse, and how keys are written."""
+
+    image_dir: str
+    label_dir: str
+    image_re: re.Pattern
+    label_re: re.Pattern
+    key_format: str  # str.format with case, week (and slice)
+
+
+_NII = r"\.nii(?:\.gz)?$"
+_NAMINGS_3D = {
+    "anon": _Naming("semantic_MRs_anon", "semantic_labels_anon", re.compile(r"Case_(\d+)_Week(\d+)_LFOV" + _NII, re.I),
+                    re.compile(r"Case_(\d+)_Week(\d+)_SEMANTIC_LFOV" + _NII, re.I), "Case_{case}_Week{week}"),
+    "b": _Naming("semantic_MRs", "semantic_labels_only", re.compile(r"B(\d+)_Week(\d+)_LFOV" + _NII, re.I),
+                 re.compile(r"B(\d+)_Week(\d+)_SEMANTIC" + _NII, re.I), "B{case}_Week{week}"),
+}
+
+
+def _naming_2d(split: str) -> _Naming:
+    return _Naming(f"keras_slices_{split}", f"keras_slices_seg_{split}",
+                   re.compile(r"case_(\d+)_week_(\d+)_slice_(\d+)" + _NII, re.I),
+                   re.compile(r"seg_(\d+)_week_(\d+)_slice_(\d+)" + _NII, re.I),
+                   "case_{case}_week_{week}_slice_{slice}")
+
+
+def _listing(paths: Sequence[str | Path], limit: int = _LISTED) -> str:
+    """'a, b, c' or 'a, b, c, ... and 7 more' for error messages."""
+    names = [str(p) for p in paths]
+    more = f", ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _layouts_present(data_dir: Path) -> dict[str, _Naming | None]:
+    found: dict[str, _Naming | None] = {}
+    if any((data_dir / _naming_2d(s).image_dir).is_dir() for s in SPLITS):
+        found["2d"] = None
+    for name, naming in _NAMINGS_3D.items():
+        if (data_dir / naming.image_dir).is_dir():
+            found[f"3d-{name}"] = naming
+    return found
+
+
+def detect_layout(data_dir: str | Path) -> str:
+    """"2d" or "3d" from the folders under `data_dir`; DataError if none (or more than one) is found."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: no such folder (pass the HipMRI root with --data-dir)")
+    found = _layouts_present(data_dir)
+    if not found:
+        wanted = ["keras_slices_train/", *(n.image_dir + "/" for n in _NAMINGS_3D.values())]
+        raise DataError(f"{data_dir}: no HipMRI layout found (looked for {', '.join(wanted)}); "
+                        f"pass the folder that holds them")
+    if len(found) > 1:
+        raise DataError(f"{data_dir}: holds several layouts ({', '.join(found)}); point --data-dir at a folder "
+                        f"with only one of them")
+    layout = next(iter(found))
+    return layout.split("-")[0]
+
+
+def _naming_3d(data_dir: Path) -> _Naming:
+    return next(n for n in _layouts_present(data_dir).values() if n is not None)
+
+
+def _index_folder(folder: Path, pattern: re.Pattern, problems: dict[str, list[str]]) -> dict[tuple, Path]:
+    """Parsed (case, week[, slice]) numbers -> file; duplicates and unrecognised NIfTI names go to `problems`."""
+    found: dict[tuple, list[Path]] = defaultdict(list)
+    if not folder.is_dir():
+        problems["missing folder"].append(str(folder))
+        return {}
+    for path in folder.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match:
+            found[tuple(int(g) for g in match.groups())].append(path)
+        elif re.search(_NII, path.name, re.I):
+            problems["unrecognised file name"].append(str(path))
+    for paths in found.values():
+        if len(paths) > 1:
+            problems["duplicate key"].append(" and ".join(sorted(str(p) for p in paths)))
+    return {k: sorted(v)[0] for k, v in found.items()}
+
+
+def _scan(data_dir: Path, naming: _Naming, require_labels: bool) -> tuple[list[Pair], dict[str, list[str]]]:
+    """All pairs of one layout folder pair, sorted by (patient, week, slice), and what is wrong with them."""
+    problems: dict[str, list[str]] = defaultdict(list)
+    images = _index_folder(data_dir / naming.image_dir, naming.image_re, problems)
+    labels = _index_folder(data_dir / naming.label_dir, naming.label_re, problems) if (
+        require_labels or (data_dir / naming.label_dir).is_dir()) else {}
+    if require_labels:
+        problems["image without label"] += [str(images[k]) for k in sorted(images.keys() - labels.keys())]
+    problems["label without image"] += [str(labels[k]) for k in sorted(labels.keys() - images.keys())]
+    pairs = []
+    for numbers in sorted(images):
+        case_id = naming.image_re.fullmatch(images[numbers].name).group(1)
+        week, slice_index = numbers[1], (numbers[2] if len(numbers) > 2 else None)
+        key = naming.key_format.format(case=case_id, week=week, slice=slice_index)
+        pairs.append(Pair(key, case_id, week, slice_index, images[numbers], labels.get(numbers)))
+    if not pairs and (data_dir / naming.image_dir).is_dir():
+        problems["empty split"].append(f"{data_dir / naming.image_dir} (no file matches {naming.image_re.pattern})")
+    return pairs, {k: v for k, v in problems.items() if v}
+
+
+def _raise_problems(problems: dict[str, list[str]]) -> None:
+    lines = [f"{kind} ({len(items)}): {_listing(items)}" for kind, items in problems.items()]
+    raise DataError("; ".join(lines) + ". Fix or remove these files (run `python dataset.py check DIR` for a report)")
+
+
+def find_pairs(data_dir: str | Path, split: str | None = None, require_labels: bool = True) -> list[Pair]:
+    """Image/label pairs sorted by (patient, week, slice).
+
+    2D: `split` is "train", "validate" or "test" (the folders on disk). 3D: all pairs (`split` must be None;
+    use `split_by_patient`). Unrecognised NIfTI names are logged and skipped; unpaired files, duplicate keys,
+    a missing folder or an empty split raise DataError listing the files.
+    """
+    data_dir = Path(data_dir)
+    layout = detect_layout(data_dir)
+    if layout == "2d":
+        if split not in SPLITS:
+            raise DataError(f"{data_dir}: 2D layout; split must be one of {', '.join(SPLITS)}, not {split!r}")
+        naming = _naming_2d(split)
+    elif split is not None:
+        raise DataError(f"{data_dir}: 3D layout has no split folders; call find_pairs(dir, None) and split_by_patient")
+    else:
+        naming = _naming_3d(data_dir)
+    pairs, problems = _scan(data_dir, naming, require_labels)
+    skipped = problems.pop("unrecognised file name", [])
+    if skipped:
+        log.warning("skipping %d NIfTI file(s) whose names do not follow the layout: %s", len(skipped),
+                    _listing(skipped))
+    if problems:
+        _raise_problems(problems)
+    return pairs
+
+
+# ---------------------------------------------------------------- read and preprocess
+
+
+def _load(path: Path, spatial_dims: int | None) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Decoded voxels (scl_slope/inter applied, trailing singleton axes dropped) as float32, and the image."""
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path}: unreadable or corrupt NIfTI ({type(exc).__name__}: {exc}); "
+                        f"re-copy or re-download it") from exc
+    keep = spatial_dims or 2
+    while data.ndim > keep and data.shape[-1] == 1:
+        data = data[..., 0]
+    if spatial_dims is not None and data.ndim != spatial_dims:
+        raise DataError(f"{path}: shape {data.shape} is not {spatial_dims}D")
+    return data, img
+
+
+def read_image(path: str | Path, spatial_dims: int | None = None) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Image voxels float32 in the file's axis order (x, y[, z]) with trailing singleton axes dropped, and the
+    nibabel image (for header/affine). DataError naming the file if it is unreadable or holds NaN/Inf."""
+    data, img = _load(Path(path), spatial_dims)
+    bad = data.size - int(np.isfinite(data).sum())
+    if bad:
+        raise DataError(f"{path}: {bad} NaN/Inf voxel(s) in the image; fix or remove this file")
+    return data, img
+
+
+def read_label(path: str | Path, spatial_dims: int | None = None) -> np.ndarray:
+    """Label voxels as uint8 0..NUM_CLASSES-1 (floats such as 5.0 are rounded); DataError naming the file and
+    the values found if any value is not an integer class."""
+    data, _ = _load(Path(path), spatial_dims)
+    rounded = np.round(data)
+    off = ~np.isfinite(data) | (np.abs(data - rounded) > 1e-3) | (rounded < 0) | (rounded >= NUM_CLASSES)
+    if off.any():
+        values = np.unique(data[off])
+        raise DataError(f"{path}: label values outside the classes 0..{NUM_CLASSES - 1}: "
+                        f"{_listing([f'{v:g}' for v in values], 8)} ({int(off.sum())} voxels); "
+                        f"this is not a HipMRI label file or it was resampled with interpolation")
+    return rounded.astype(np.uint8)
+
+
+def voxel_spacing(img: nib.Nifti1Image) -> tuple[tuple[float, float, float], bool]:
+    """(sx, sy, sz) in mm along the file's x, y, z axes, and whether sz had to be assumed.
+
+    A 2D slice file stores only two zooms; its slice spacing comes from the affine when the header has one
+    (sform/qform code > 0), else 1.0 mm is assumed (flagged by the second return value).
+    """
+    zooms = [round(float(z), 6) for z in img.header.get_zooms()[:3]]  # float32 in the header: drop its noise
+    if len(zooms) >= 3:
+        return (zooms[0], zooms[1], zooms[2]), False
+    header = img.header
+    if max(int(header["sform_code"]), int(header["qform_code"])) > 0:
+        third = round(float(np.linalg.norm(img.affine[:3, 2])), 6)
+        return (zooms[0], zooms[1], third if third > 0 else 1.0), third <= 0
+    return (zooms[0], zooms[1], 1.0), True
+
+
+def normalise(image: np.ndarray, clip_percentiles: tuple[float, float] | None = (0.5, 99.5),
+              eps: float = 1e-6) -> np.ndarray:
+    """Z-score float32 of any shape: optional percentile clipping, then (x - mean) / max(std, eps).
+
+    The epsilon keeps an all-constant image finite (it becomes all zeros).
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if clip_percentiles is not None:
+        low, high = np.percentile(image, clip_percentiles)
+        image = np.clip(image, low, high)
+    mean, std = float(image.mean()), float(image.std())
+    return ((image - mean) / max(std, eps)).astype(np.float32)
+
+
+def _resize_axis(array: np.ndarray, size: int, axis: int, nearest: bool) -> np.ndarray:
+    """Resample one axis with pixel-centre alignment, as torch interpolate(align_corners=False) does."""
+    old = array.shape[axis]
+    if old == size:
+        return array
+    centres = (np.arange(size) + 0.5) * old / size - 0.5
+    if nearest:  # torch's "nearest-exact"
+        return np.take(array, np.clip(np.floor(centres + 0.5), 0, old - 1).astype(np.int64), axis=axis)
+    centres = np.clip(centres, 0, old - 1)
+    low = np.floor(centres).astype(np.int64)
+    high = np.minimum(low + 1, old - 1)
+    weight = (centres - low).astype(np.float32).reshape([-1 if a == axis else 1 for a in range(array.ndim)])
+    return np.take(array, low, axis=axis) * (1 - weight) + np.take(array, high, axis=axis) * weight
+
+
+def resize_slices(stack: np.ndarray, size: tuple[int, int], is_label: bool) -> np.ndarray:
+    """(n, H, W) -> (n, *size): images bilinear, labels nearest; matches torch F.interpolate(mode="bilinear" /
+    "nearest-exact", align_corners=False), so predictions can be mapped back with torch the same way."""
+    out = stack
+    for axis, length in ((1, size[0]), (2, size[1])):
+        out = _resize_axis(out, length, axis, nearest=is_label)
+    return out.astype(stack.dtype, copy=False)
+
+
+# ---------------------------------------------------------------- splits (3D)
+
+
+def split_by_patient(pairs: Iterable[Pair], seed: int, ratios: Sequence[float] = (0.8, 0.1, 0.1)
+                     ) -> dict[str, list[str]]:
+    """{"train": [case keys], "validate": [...], "test": [...]}: every week of a patient in one split.
+
+    Deterministic from `seed` (patients sorted, then permuted). Each split with a non-zero ratio gets at least
+    one patient when there are enough patients; the rest go to train.
+    """
+    weeks: dict[str, set[str]] = defaultdict(set)
+    for pair in pairs:
+        weeks[pair.case_id].add(pair.case_key)
+    patients = sorted(weeks)
+    order = [patients[i] for i in np.random.default_rng(seed).permutation(len(patients))]
+    total = sum(ratios)
+    counts = {}
+    for name, ratio in zip(SPLITS[1:], ratios[1:]):
+        counts[name] = max(1, round(ratio / total * len(patients))) if ratio > 0 else 0
+    while sum(counts.values()) >= len(patients) and sum(counts.values()) > 0:  # too few patients: train first
+        largest = max(reversed(SPLITS[1:]), key=lambda n: counts[n])
+        counts[largest] -= 1
+    chosen = {"validate": order[:counts["validate"]],
+              "test": order[counts["validate"]:counts["validate"] + counts["test"]]}
+    chosen["train"] = order[counts["validate"] + counts["test"]:]
+    return {name: sorted(key for p in chosen[name] for key in weeks[p]) for name in SPLITS}
+
+
+def save_split(path: str | Path, splits: dict[str, list[str]], seed: int, ratios: Sequence[float]) -> None:
+    """Write split.json atomically: {"seed", "ratios", "splits": {name: [case keys]}}."""
+    write_json(path, {"seed": seed, "ratios": list(ratios), "splits": splits})
+
+
+def load_split_file(path: str | Path) -> dict[str, list[str]]:
+    """Read what `save_split` wrote; DataError naming the file if it is not such a file."""
+    try:
+        splits = json.loads(Path(path).read_text())["splits"]
+        return {name: list(splits[name]) for name in SPLITS}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a split file written by dataset.save_split ({exc}); "
+                        f"delete it to draw a new split") from exc
+
+
+def _split_keys(data_dir: Path, pairs: list[Pair], split_file: Path | None, seed: int,
+                ratios: Sequence[float]) -> dict[str, list[str]]:
+    if split_file is not None and Path(split_file).exists():
+        splits = load_split_file(split_file)
+        log.info("using the patient split saved in %s", split_file)
+    else:
+        splits = split_by_patient(pairs, seed, ratios)
+        if split_file is not None:
+            save_split(split_file, splits, seed, ratios)
+            log.info("drew a patient split (seed %d) and saved it to %s", seed, split_file)
+    known = {p.case_key for p in pairs}
+    missing = [k for keys in splits.values() for k in keys if k not in known]
+    if missing:
+        raise DataError(f"{split_file}: lists scans not found in {data_dir}: {_listing(missing)}; "
+                        f"is this the data the split was drawn from?")
+    unused = known - {k for keys in splits.values() for k in keys}
+    if unused:
+        log.warning("%d scan(s) in %s are in no split of %s: %s", len(unused), data_dir, split_file,
+                    _listing(sorted(unused)))
+    return splits
+
+
+# ---------------------------------------------------------------- cache
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preprocessing settings; every field is part of the cache key."""
+
+    target_size_2d: tuple[int, int] | None = (256, 128)  # (H, W) every 2D slice is resized to; None: keep native
+    clip_percentiles: tuple[float, float] | None = (0.5, 99.5)  # clip intensities before z-scoring; None: no clip
+    cache_dtype: str = "float16"  # cached image dtype, "float16" or "float32"; labels are always uint8
+    eps: float = 1e-6  # z-score denominator floor
+    split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)  # 3D patient shares of train/validate/test
+
+
+def default_cache_dir() -> Path:
+    """$HIPMRI_CACHE, else $XDG_CACHE_HOME/hipmri-seg, else ~/.cache/hipmri-seg."""
+    if os.environ.get("HIPMRI_CACHE"):
+        return Path(os.environ["HIPMRI_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hipmri-seg"
+
+
+def _group_cases(pairs: list[Pair]) -> list[list[Pair]]:
+    """Pairs grouped by scan, scans sorted, 2D slices in slice order."""
+    cases: dict[str, list[Pair]] = defaultdict(list)
+    for pair in pairs:
+        cases[pair.case_key].append(pair)
+    return [sorted(cases[k], key=lambda p: p.slice_index or 0) for k in sorted(cases)]
+
+
+def _cache_key(pairs: list[Pair], cfg: DataConfig, spatial_dims: int) -> str:
+    digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "dims": spatial_dims, "cfg": asdict(cfg)}).encode())
+    for pair in pairs:
+        for path in (pair.image, pair.label):
+            if path is not None:  # folder/name: the names, not where the data folder happens to be
+                stat = os.stat(path)
+                digest.update(f"{path.parent.name}/{path.name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _read_case(pairs: list[Pair], spatial_dims: int, cfg: DataConfig):
+    """One scan read and preprocessed: image (cfg.cache_dtype), label uint8 or None, spacing, original shape,
+    warnings. 2D: slices stacked to (n, H, W) and resized; spacing ordered as the stacked axes."""
+    images, labels, warnings = [], [], []
+    for pair in pairs:
+        image, img = read_image(pair.image, spatial_dims)
+        label = read_label(pair.label, spatial_dims) if pair.label is not None else None
+        if label is not None and label.shape != image.shape:
+            raise DataError(f"shape mismatch: image {pair.image} is {image.shape}, label {pair.label} is {label.shape}")
+        images.append(image)
+        labels.append(label)
+    spacing, assumed = voxel_spacing(img)
+    if spatial_dims == 3:
+        image, label = images[0], labels[0]
+    else:
+        shapes = sorted({im.shape for im in images})
+        if len(shapes) > 1:
+            raise DataError(f"slices of {pairs[0].case_key} differ in shape {shapes}: {pairs[0].image.parent}")
+        if assumed:
+            warnings.append(f"{pairs[0].image}: no slice spacing in the header; assuming 1.0 mm")
+        if [p.slice_index for p in pairs] != list(range(len(pairs))):
+            warnings.append(f"{pairs[0].case_key}: slice indices are not 0..{len(pairs) - 1}; stacked as found")
+        spacing = (spacing[2], spacing[0], spacing[1])
+        image, label = np.stack(images), (np.stack(labels) if labels[0] is not None else None)
+    original_shape = image.shape
+    if spatial_dims == 2 and cfg.target_size_2d is not None:
+        image = resize_slices(image, cfg.target_size_2d, is_label=False)
+        label = resize_slices(label, cfg.target_size_2d, is_label=True) if label is not None else None
+        # Resizing changes the pixel size: spacings describe the arrays as cached (metrics run on them).
+        spacing = tuple(s * old / new for s, old, new in zip(spacing, original_shape, image.shape))
+    image = normalise(image, cfg.clip_percentiles, cfg.eps).astype(cfg.cache_dtype)
+    return image, label, spacing, original_shape, warnings
+
+
+def _build_case(task: tuple) -> dict:
+    """Worker: read one scan and write image_NNNNN.npy / label_NNNNN.npy into the build folder."""
+    index, pairs, spatial_dims, cfg, folder = task
+    try:
+        image, label, spacing, original_shape, warnings = _read_case(pairs, spatial_dims, cfg)
+    except DataError as exc:
+        return {"error": str(exc)}
+    entry = {"key": pairs[0].case_key, "image": f"image_{index:05d}.npy", "label": None, "spacing": spacing,
+             "original_shape": list(original_shape), "warnings": warnings, "error": None,
+             "class_counts": [0] * NUM_CLASSES}
+    np.save(Path(folder) / entry["image"], image)
+    if label is not None:
+        entry["label"] = f"label_{index:05d}.npy"
+        np.save(Path(folder) / entry["label"], label)
+        entry["class_counts"] = np.bincount(label.ravel(), minlength=NUM_CLASSES).tolist()
+    return entry
+
+
+def _parallel(function: Callable, tasks: list, workers: int, desc: str, unit: str) -> Iterator:
+    """function(task) for each task in order, in `workers` processes (in this one when workers <= 1)."""
+    if workers <= 1 or len(tasks) <= 1:
+        yield from tqdm(map(function, tasks), total=len(tasks), desc=desc, unit=unit, disable=None, leave=False)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        chunk = max(1, min(16, len(tasks) // (4 * workers)))
+        yield from tqdm(pool.map(function, tasks, chunksize=chunk), total=len(tasks), desc=desc, unit=unit,
+                        disable=None, leave=False)
+
+
+def _valid_cache(folder: Path, key: str) -> dict | None:
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("key") != key or manifest.get("version") != CACHE_VERSION:
+        return None
+    files = [c[name] for c in manifest["cases"] for name in ("image", "label") if c[name]]
+    return manifest if all((folder / f).is_file() for f in files) else None
+
+
+def _build_cache(folder: Path, key: str, cases: list[list[Pair]], spatial_dims: int, cfg: DataConfig,
+                 data_dir: Path, workers: int) -> dict:
+    """Build in a hidden temporary folder, write manifest.json last, then rename into place: a killed build
+    leaves only a `.tmp-*` folder, never one that looks valid."""
+    building = folder.parent / f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    building.mkdir(parents=True)
+    try:
+        tasks = [(i, pairs, spatial_dims, cfg, str(building)) for i, pairs in enumerate(cases)]
+        entries = list(_parallel(_build_case, tasks, workers, f"caching {folder.name}", "scan"))
+        errors = [e["error"] for e in entries if e["error"]]
+        if errors:
+            raise DataError(f"{len(errors)} scan(s) could not be read: " + " | ".join(errors[:_LISTED])
+                            + (f" | ... and {len(errors) - _LISTED} more" if len(errors) > _LISTED else ""))
+        for entry in entries:
+            for text in entry.pop("warnings"):
+                log.warning("%s", text)
+        manifest = {"version": CACHE_VERSION, "key": key, "data_dir": str(data_dir.resolve()),
+                    "spatial_dims": spatial_dims, "config": asdict(cfg), "cases": entries}
+        (building / "manifest.json").write_text(json.dumps(manifest))
+        finished_elsewhere = _valid_cache(folder, key)  # by another process (a DDP rank, a second run)
+        if finished_elsewhere is not None:
+            shutil.rmtree(building)
+            return finished_elsewhere
+        if folder.exists():
+            shutil.rmtree(folder)  # same key but no valid manifest: a damaged cache
+        try:
+            os.replace(building, folder)
+        except OSError:  # the other process won the race between the check above and the rename
+            if (finished_elsewhere := _valid_cache(folder, key)) is None:
+                raise
+            shutil.rmtree(building)
+            return finished_elsewhere
+        return manifest
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+
+
+def _prune_stale(root: Path, keep: Path, manifest: dict) -> None:
+    """Remove day-old unfinished builds, and caches of the same data folder, scans and settings as `manifest`:
+    those were built from files that have changed since. Caches of other splits or settings stay."""
+    prefix = keep.name.rsplit("-", 1)[0] + "-"
+    same = ("data_dir", "config", "spatial_dims")
+    for folder in root.iterdir():
+        if folder == keep or not folder.is_dir():
+            continue
+        if folder.name.startswith(".tmp-") and time.time() - folder.stat().st_mtime > 86400:
+            shutil.rmtree(folder, ignore_errors=True)
+        elif folder.name.startswith(prefix):
+            try:
+                other = json.loads((folder / "manifest.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if all(json.dumps(other.get(k)) == json.dumps(manifest[k]) for k in same) and (
+                    _case_keys(other) == _case_keys(manifest)):
+                log.info("removing the outdated cache %s", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _case_keys(manifest: dict) -> list[str]:
+    return [case.get("key") for case in manifest.get("cases", [])]
+
+
+# ---------------------------------------------------------------- a split in memory
+
+
+@dataclass
+class CaseSet:
+    """A split decoded into (memory-mapped) arrays, one entry per scan."""
+
+    spatial_dims: int
+    keys: list[str]  # "case_004_week_0" (2D) / "Case_004_Week0" (3D)
+    images: list[np.ndarray]  # 2D (n_slices, H, W) resized to target; 3D (X, Y, Z) native; z-scored, float16/32
+    labels: list[np.ndarray | None]  # same shapes, uint8 0..5
+    # mm per axis of the arrays above (2D: slice, in-plane H, in-plane W), after resizing; the files' own
+    # spacing is spacing * shape / original_shape per axis.
+    spacings: list[tuple[float, float, float]]
+    original_shapes: list[tuple[int, ...]]  # shape before resizing: 2D (n_slices, H0, W0); 3D (X, Y, Z)
+    sources: list[list[Pair]]  # the files of each scan (2D in slice order), e.g. for headers when writing NIfTI
+    class_counts: list[np.ndarray] = field(default_factory=list)  # int64 (NUM_CLASSES,) voxels per class
+    cache_path: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def load_split(data_dir: str | Path, split: str, cfg: DataConfig | None = None, cache_dir: str | Path | None = None,
+               split_file: str | Path | None = None, seed: int = 0, workers: int | None = None) -> CaseSet:
+    """Decode `split` ("train", "validate", "test") through the cache and return it memory-mapped
+    (copy-on-write: arrays are writable, but writes stay in this process).
+
+    2D: the split folders. 3D: the patients listed in `split_file` if it exists, else a split drawn with
+    `seed` and `cfg.split_ratios` (and saved to `split_file` when given). The cache lives in
+    `cache_dir` (default `default_cache_dir()`, never inside `data_dir`), one folder per split keyed by the
+    files' names, sizes and mtimes and by `cfg`; it is reused when valid and rebuilt (with `workers`
+    processes, default min(2, cpu count)) when anything changed. Under DDP let rank 0 call this first.
+    """
+    data_dir, cfg = Path(data_dir), cfg or DataConfig()
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+    if cfg.cache_dtype not in ("float16", "float32"):
+        raise ValueError(f"DataConfig.cache_dtype must be float16 or float32, not {cfg.cache_dtype!r}")
+    layout = detect_layout(data_dir)
+    spatial_dims = 2 if layout == "2d" else 3
+    if layout == "2d":
+        pairs = find_pairs(data_dir, split)
+    else:
+        pairs = find_pairs(data_dir, None)
+        chosen = set(_split_keys(data_dir, pairs, split_file, seed, cfg.split_ratios)[split])
+        pairs = [p for p in pairs if p.key in chosen]
+        if not pairs:
+            raise DataError(f"{data_dir}: the {split} split is empty (split file {split_file}); too few patients?")
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if root.resolve().is_relative_to(data_dir.resolve()):
+        raise DataError(f"cache folder {root} is inside the data folder {data_dir}; choose another --cache-dir")
+    key = _cache_key(pairs, cfg, spatial_dims)
+    folder = root / f"{layout}-{split}-{key[:16]}"
+    cases = _group_cases(pairs)
+    manifest = _valid_cache(folder, key)
+    if manifest is not None:
+        log.info("%s layout, %s split: reusing the cache %s (%d scans)", layout, split, folder, len(cases))
+    else:
+        started = time.perf_counter()
+        workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+        log.info("%s layout, %s split: decoding %d files into the cache %s", layout, split, len(pairs), folder)
+        manifest = _build_cache(folder, key, cases, spatial_dims, cfg, data_dir, workers)
+        log.info("%s split: cache built in %.1f s", split, time.perf_counter() - started)
+        _prune_stale(root, folder, manifest)
+    return _open_cache(folder, manifest, cases, spatial_dims)
+
+
+def _open_cache(folder: Path, manifest: dict, cases: list[list[Pair]], spatial_dims: int) -> CaseSet:
+    entries = manifest["cases"]
+    return CaseSet(
+        spatial_dims=spatial_dims,
+        keys=[e["key"] for e in entries],
+        # Copy-on-write maps: writable for torch.from_numpy, yet a write never reaches the cache files.
+        images=[np.load(folder / e["image"], mmap_mode="c") for e in entries],
+        labels=[np.load(folder / e["label"], mmap_mode="c") if e["label"] else None for e in entries],
+        spacings=[tuple(e["spacing"]) for e in entries],
+        original_shapes=[tuple(e["original_shape"]) for e in entries],
+        sources=cases,
+        class_counts=[np.asarray(e["class_counts"], dtype=np.int64) for e in entries],
+        cache_path=folder,
+    )
+
+
+# ---------------------------------------------------------------- batches on the device
+
+
+def _rng(*numbers: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(n) for n in numbers]))
+
+
+class DeviceBatchSource:
+    """A split's labelled scans as tensors on `device`, sampled into (image, label) batches there.
+
+    2D: samples are whole slices (B, 1, H, W). 3D: patches (B, 1, *patch_size) cut at native resolution;
+    a `foreground_fraction` of each epoch's patches (rounded up) is centred on a voxel of a foreground class
+    present in the scan, the class drawn uniformly, so the small prostate is seen often; the rest are placed
+    uniformly. Scans smaller than the patch are padded (image with its minimum, label with 0).
+
+    `epoch(e)` is a pure function of (seed, e, rank, world_size): a resumed run gets the same batches, and
+    rank r of `world_size` takes items r, r + world_size, ... of one shared permutation, so ranks are disjoint.
+    """
+
+    MAX_CENTRES = 10_000  # per class and scan: bounds memory, still spread over the whole structure
+
+    def __init__(self, cases: CaseSet, batch_size: int, device: torch.device | str = "cpu",
+                 patch_size: Sequence[int] | None = None, foreground_fraction: float = 1 / 3, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, augment: AugmentConfig | None = None,
+                 steps_per_epoch: int | None = None):
+        labelled = [i for i, label in enumerate(cases.labels) if label is not None]
+        if not labelled:
+            raise DataError("DeviceBatchSource: the split has no labelled scans to train on")
+        self.cases, self.spatial_dims, self.device = cases, cases.spatial_dims, torch.device(device)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.augment, self.foreground_fraction = augment, foreground_fraction
+        if self.spatial_dims == 2:
+            if patch_size is not None:
+                raise ValueError("DeviceBatchSource: 2D trains on whole slices; pass patch_size=None")
+            self.images = torch.from_numpy(np.concatenate([cases.images[i] for i in labelled])).to(self.device)
+            self.labels = torch.from_numpy(np.concatenate([cases.labels[i] for i in labelled])).to(self.device)
+            self.num_items = len(self.images)
+            default_steps = self.num_items // world_size // batch_size
+        else:
+            if patch_size is None or len(patch_size) != 3:
+                raise ValueError(f"DeviceBatchSource: 3D needs a patch_size of 3 ints, not {patch_size}")
+            self.patch_size = tuple(int(p) for p in patch_size)
+            self._volumes_to_device(cases, labelled)
+            self.num_items = len(self.volumes)
+            default_steps = 250
+        if self.num_items < world_size:
+            raise DataError(f"{self.num_items} training items cannot be shared by {world_size} ranks")
+        self.steps = steps_per_epoch or max(1, default_steps)
+        if self.spatial_dims == 2:  # a split smaller than one batch per rank still gives one (smaller) batch
+            self.batch_size = min(batch_size, self.num_items // world_size)
+
+    def _volumes_to_device(self, cases: CaseSet, labelled: list[int]) -> None:
+        self.volumes, self.volume_labels, self.centres = [], [], []
+        for i in labelled:
+            image, label = np.array(cases.images[i]), np.array(cases.labels[i])  # copies: off the read-only mmap
+            pad = [(0, max(0, p - s)) for p, s in zip(self.patch_size, image.shape)]
+            if any(after for _, after in pad):
+                image = np.pad(image, pad, constant_values=image.min())
+                label = np.pad(label, pad, constant_values=0)
+            self.volumes.append(torch.from_numpy(np.ascontiguousarray(image)).to(self.device))
+            self.volume_labels.append(torch.from_numpy(np.ascontiguousarray(label)).to(self.device))
+            self.centres.append(self._class_centres(label))
+
+    def _class_centres(self, label: np.ndarray) -> dict[int, np.ndarray]:
+        """Foreground class -> flat voxel indices of that class (an even subsample of at most MAX_CENTRES)."""
+        flat = label.ravel()
+        foreground = np.flatnonzero(flat)
+        values = flat[foreground]
+        centres = {}
+        for cls in range(1, NUM_CLASSES):
+            where = foreground[values == cls]
+            if len(where):
+                centres[cls] = where[:: max(1, math.ceil(len(where) / self.MAX_CENTRES))]
+        return centres
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return self.steps
+
+    def _epoch_items(self, epoch: int) -> np.ndarray:
+        """Item indices for this rank's batches: this rank's share of seeded permutations of all items."""
+        needed = self.steps * self.batch_size * self.world_size
+        repeats = math.ceil(needed / self.num_items)
+        order = np.concatenate([_rng(self.seed, epoch, r).permutation(self.num_items) for r in range(repeats)])
+        return order[:needed][self.rank::self.world_size]
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (image float32 (B, 1, *S), label int64 (B, *S)) on the device; `start_batch` skips ahead."""
+        items = self._epoch_items(epoch).reshape(self.steps, self.batch_size)
+        starts = self._patch_starts(epoch, items) if self.spatial_dims == 3 else None
+        for step in range(start_batch, self.steps):
+            if self.spatial_dims == 2:
+                index = torch.from_numpy(items[step]).to(self.device)
+                image = self.images.index_select(0, index).unsqueeze(1).float()
+                label = self.labels.index_select(0, index).long()
+            else:
+                image, label = self._cut_patches(items[step], starts[step])
+            if self.augment is not None:
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(int(_rng(self.seed, epoch, self.rank, step).integers(2**62)))
+                image, label = augment_batch(image, label, generator, self.augment)
+            yield image, label
+
+    def _patch_starts(self, epoch: int, items: np.ndarray) -> np.ndarray:
+        """(steps, B, 3) patch corners; ceil(fraction * n) of them, at random positions, centred on foreground."""
+        rng = _rng(self.seed, epoch, self.rank, 2**31)
+        n = items.size
+        foreground = rng.permutation(n) < math.ceil(self.foreground_fraction * n)
+        starts = np.zeros((n, 3), dtype=np.int64)
+        for k, (item, wants_fg) in enumerate(zip(items.ravel(), foreground)):
+            shape = np.array(self.volumes[item].shape)
+            high = shape - np.array(self.patch_size)
+            classes = sorted(self.centres[item])
+            if wants_fg and classes:
+                voxels = self.centres[item][classes[rng.integers(len(classes))]]
+                centre = np.array(np.unravel_index(voxels[rng.integers(len(voxels))], shape))
+                starts[k] = np.clip(centre - np.array(self.patch_size) // 2, 0, high)
+            else:
+                starts[k] = [rng.integers(h + 1) for h in high]
+        return starts.reshape(*items.shape, 3)
+
+    def _cut_patches(self, items: np.ndarray, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = [], []
+        for item, (x, y, z) in zip(items, starts):
+            px, py, pz = self.patch_size
+            images.append(self.volumes[item][x:x + px, y:y + py, z:z + pz])
+            labels.append(self.volume_labels[item][x:x + px, y:y + py, z:z + pz])
+        return torch.stack(images).unsqueeze(1).float(), torch.stack(labels).long()
+
+    def state_dict(self) -> dict:
+        """Batches depend only on (seed, epoch, rank, world_size); the state is the seed."""
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """2D slices of a CaseSet for a DataLoader: item i -> (image float32 (1, H, W), label int64 (H, W))."""
+
+    def __init__(self, cases: CaseSet):
+        if cases.spatial_dims != 2:
+            raise ValueError("SliceDataset serves 2D slices; for 3D use DeviceBatchSource (patches)")
+        # Plain ndarray views of the memory maps: indexing a np.memmap costs more per item.
+        self.images = [np.asarray(image) for image in cases.images]
+        self.labels = [np.asarray(label) if label is not None else None for label in cases.labels]
+        self.index = [(c, s) for c, image in enumerate(self.images) if self.labels[c] is not None
+                      for s in range(image.shape[0])]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        case, s = self.index[i]
+        image = torch.from_numpy(self.images[case][s]).float().unsqueeze(0)  # torch converts float16 ~6x faster
+        return image, torch.from_numpy(self.labels[case][s]).long()
+
+
+# ---------------------------------------------------------------- integrity report
+
+
+def _verify_gzip(path: Path) -> None:
+    """DataError unless a .gz file decompresses to its end with a matching checksum. nibabel stops reading at
+    the last voxel and so never sees the checksum: damage inside a stored (incompressible) block goes unnoticed."""
+    if not path.name.lower().endswith(".gz"):
+        return
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: corrupt gzip stream ({type(exc).__name__}: {exc}); re-copy or re-download it") \
+            from exc
+
+
+def _inspect_pair(task: tuple[Pair, int]) -> dict:
+    """Worker for `check`: read one pair, never raise; collect shape, dtypes, spacing, label counts, problems."""
+    pair, spatial_dims = task
+    info: dict = {"problems": [], "shape": None, "disk_shape": None, "dtype": None, "label_dtype": None,
+                  "spacing": None, "assumed_spacing": False, "counts": None}
+    try:
+        _verify_gzip(pair.image)
+        image, img = read_image(pair.image, spatial_dims)
+        info.update(shape=image.shape, disk_shape=img.shape, dtype=str(img.get_data_dtype()))
+        info["spacing"], info["assumed_spacing"] = voxel_spacing(img)
+    except DataError as exc:
+        info["problems"].append(str(exc))
+        image = None
+    if pair.label is None:
+        return info
+    try:
+        _verify_gzip(pair.label)
+        label = read_label(pair.label, spatial_dims)
+        info["label_dtype"] = str(nib.load(str(pair.label)).get_data_dtype())
+        info["counts"] = np.bincount(label.ravel(), minlength=NUM_CLASSES)
+        if image is not None and label.shape != image.shape:
+            info["problems"].append(f"shape mismatch: image {pair.image} is {image.shape}, "
+                                    f"label {pair.label} is {label.shape}")
+    except DataError as exc:
+        info["problems"].append(str(exc))
+    return info
+
+
+def _check_groups(data_dir: Path) -> tuple[int, dict[str, _Naming]]:
+    layout = detect_layout(data_dir)
+    if layout == "3d":
+        return 3, {"all scans": _naming_3d(data_dir)}
+    return 2, {s: _naming_2d(s) for s in SPLITS if (data_dir / _naming_2d(s).image_dir).is_dir()}
+
+
+def _slice_problems(pairs: list[Pair], infos: list[dict]) -> list[str]:
+    """2D: every scan should hold slices 0..n-1 of one in-plane shape."""
+    problems, by_case = [], defaultdict(list)
+    for pair, info in zip(pairs, infos):
+        by_case[pair.case_key].append((pair.slice_index, info["shape"]))
+    for case, slices in sorted(by_case.items()):
+        indices = sorted(s for s, _ in slices)
+        if indices != list(range(len(indices))):
+            missing = sorted(set(range(max(indices) + 1)) - set(indices))
+            problems.append(f"{case}: slice indices are not 0..{len(indices) - 1} (missing {_listing(missing, 8)})")
+        shapes = {shape for _, shape in slices if shape is not None}
+        if len(shapes) > 1:
+            problems.append(f"{case}: slices differ in shape {sorted(shapes)}")
+    return problems
+
+
+def _group_report(name: str, pairs: list[Pair], infos: list[dict]) -> list[str]:
+    counts = sum((i["counts"] for i in infos if i["counts"] is not None), np.zeros(NUM_CLASSES, dtype=np.int64))
+    shares = counts / max(int(counts.sum()), 1)
+    patients = sorted({p.case_id for p in pairs})
+    lines = [f"[{name}] {len(pairs)} files, {len({p.case_key for p in pairs})} scans, {len(patients)} patients"]
+    for title, values in (("image shapes on disk", [i["disk_shape"] for i in infos]),
+                          ("image dtypes", [i["dtype"] for i in infos]),
+                          ("label dtypes", [i["label_dtype"] for i in infos]),
+                          ("voxel spacings (mm, file x, y, z)",
+                           [tuple(round(s, 4) for s in i["spacing"]) for i in infos if i["spacing"]])):
+        seen = Counter(v for v in values if v is not None)
+        lines.append(f"  {title}: " + (", ".join(f"{v} x{n}" for v, n in seen.most_common()) or "none readable"))
+    assumed = sum(i["assumed_spacing"] for i in infos)
+    if assumed:
+        lines.append(f"  note: {assumed} file(s) give no slice spacing; 1.0 mm is assumed for them")
+    lines.append(f"  label values: {[v for v in range(NUM_CLASSES) if counts[v]]}; class shares: "
+                 + ", ".join(f"{CLASS_NAMES[c]} {100 * shares[c]:.2f}%" for c in range(NUM_CLASSES)))
+    lines.append(f"  patients: {_listing(patients, 40)}")
+    return lines
+
+
+def check_data(data_dir: str | Path, workers: int | None = None) -> tuple[list[str], list[str]]:
+    """Read every file under `data_dir` and return (report lines, problems); DataError if no layout is found."""
+    data_dir = Path(data_dir)
+    spatial_dims, groups = _check_groups(data_dir)
+    report = [f"layout: {spatial_dims}D ({', '.join(sorted({n.image_dir for n in groups.values()}))}) in {data_dir}"]
+    problems: list[str] = []
+    scanned = {}
+    for name, naming in groups.items():
+        pairs, found = _scan(data_dir, naming, require_labels=True)
+        scanned[name] = pairs
+        problems += [f"{kind}: {item}" for kind, items in found.items() for item in items]
+    tasks = [(pair, spatial_dims) for pairs in scanned.values() for pair in pairs]
+    workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+    infos = iter(list(_parallel(_inspect_pair, tasks, workers, "reading", "file")))
+    patients = {}
+    for name, pairs in scanned.items():
+        group_infos = [next(infos) for _ in pairs]
+        problems += [p for info in group_infos for p in info["problems"]]
+        if spatial_dims == 2:
+            problems += _slice_problems(pairs, group_infos)
+        report += _group_report(name, pairs, group_infos)
+        patients[name] = {p.case_id for p in pairs}
+    if spatial_dims == 2:
+        shared = sorted(p for p in set().union(*patients.values()) if sum(p in s for s in patients.values()) > 1)
+        report.append(f"patients in more than one split: {_listing(shared, 40) if shared else 'none'}")
+        problems += [f"patient {p} is in several splits: " + ", ".join(n for n, s in patients.items() if p in s)
+                     for p in shared]
+    return report, problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python dataset.py check DATA_DIR`: exit 0 when clean, 1 when problems were found, 2 on bad usage."""
+    parser = argparse.ArgumentParser(prog="dataset.py", description="HipMRI data tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="read every file and print an integrity report")
+    check.add_argument("data_dir", type=Path, help="HipMRI root (2D keras_slices_* or a 3D layout)")
+    check.add_argument("--workers", type=int, default=None, help="reading processes (default: min(2, cores))")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on bad usage, 0 for --help; main returns the code instead
+        return exc.code if isinstance(exc.code, int) else 2
+    setup_logging()
+    if not args.data_dir.is_dir():
+        print(f"dataset.py check: {args.data_dir} is not a folder", file=sys.stderr)
+        return 2
+    try:
+        report, problems = check_data(args.data_dir, args.workers)
+    except DataError as exc:
+        report, problems = [], [str(exc)]
+    print("\n".join(report))
+    print(f"problems: {len(problems)}" + "".join(f"\n  - {p}" for p in problems))
+    return 1 if problems else 0
+
+
+# ---------------------------------------------------------------- speed
+
+
+def measure_read_speed(data_dir: str | Path, split: str = "train", cache_dir: str | Path | None = None,
+                       max_files: int | None = None, workers: int | None = None) -> dict:
+    """Seconds to read one epoch of `split` through the warm cache and file by file with nibabel (image and
+    label, `get_fdata`: the student-project way), in one run, with the ratios. Cache figures: `open` is
+    `load_split` on a warm cache (once per run); `epoch` copies every scan out of the memory map as
+    DeviceBatchSource does; `slice_dataset` indexes every item of a SliceDataset (2D). Items are slices (2D)
+    or volumes (3D); `max_files` limits the nibabel pass (rates stay comparable)."""
+    load_split(data_dir, split, cache_dir=cache_dir, workers=workers)  # build the cache if it is cold
+    times = {}
+    started = time.perf_counter()
+    cases = load_split(data_dir, split, cache_dir=cache_dir, workers=workers)
+    times["open"] = time.perf_counter() - started
+    started = time.perf_counter()
+    for image, label in zip(cases.images, cases.labels):
+        np.array(image), np.array(label)
+    times["epoch"] = time.perf_counter() - started
+    if cases.spatial_dims == 2:
+        slices = SliceDataset(cases)
+        started = time.perf_counter()
+        for index in range(len(slices)):
+            slices[index]
+        times["slice_dataset"] = time.perf_counter() - started
+    pairs = [p for case in cases.sources for p in case][:max_files]
+    started = time.perf_counter()
+    for pair in pairs:
+        nib.load(str(pair.image)).get_fdata(), nib.load(str(pair.label)).get_fdata()
+    nibabel_per_item = (time.perf_counter() - started) / len(pairs)
+    items = sum(len(case) for case in cases.sources)
+    result = {"items": items, "nibabel_seconds": nibabel_per_item * items}
+    result.update({f"{name}_seconds": seconds for name, seconds in times.items()})
+    for name in ("epoch", "slice_dataset"):
+        if name in times:
+            result[f"speedup_{name}"] = result["nibabel_seconds"] / times[name]
+    result["speedup_open_and_epoch"] = result["nibabel_seconds"] / (times["open"] + times["epoch"])
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
