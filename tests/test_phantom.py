@@ -1,4 +1,5 @@
-"""phantom.py: the real layouts and names, shapes, dtypes, headers, class shares, splits, determinism, bad input.
+"""phantom.py and phantom_anatomy.py: the real layouts and names, shapes, dtypes, headers, class shares, splits,
+determinism, bad input.
 
 The shared fixtures (conftest.py) hold 4 patients x 1 week in 2D and 3 full-size volumes in 3D; the other
 data sets here use few volumes, or smaller volumes through write_dataset's test-only `shape`.
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 import phantom
+from phantom_anatomy import make_patient, make_volume
 
 SPACING = (1.5625, 1.5625, 2.5)
 
@@ -132,11 +134,11 @@ def test_same_arguments_give_byte_identical_files(tmp_path, layout, shape):
 
 
 def test_make_volume_contract_and_band():
-    anatomy = phantom.make_patient(np.random.default_rng(1))
-    image, label, affine = phantom.make_volume(anatomy, week=1, seed=3, shape=(64, 64, 32), spacing=(6.25, 6.25, 10))
+    anatomy = make_patient(np.random.default_rng(1))
+    image, label, affine = make_volume(anatomy, week=1, seed=3, shape=(64, 64, 32), spacing=(6.25, 6.25, 10))
     assert image.shape == label.shape == (64, 64, 32) and image.dtype == np.float32 and label.dtype == np.uint8
     assert label.max() == 5 and affine.shape == (4, 4)
-    band, band_label, band_affine = phantom.make_volume(anatomy, 1, 3, (64, 64, 32), (6.25, 6.25, 10), rows=(20, 40))
+    band, band_label, band_affine = make_volume(anatomy, 1, 3, (64, 64, 32), (6.25, 6.25, 10), rows=(20, 40))
     assert band.shape == (64, 20, 32)
     np.testing.assert_array_equal(band_label, label[:, 20:40])  # the band is the same anatomy
     np.testing.assert_allclose(band_affine[:3, 3], affine[:3, :3] @ (0, 20, 0) + affine[:3, 3])
