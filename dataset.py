@@ -11,19 +11,18 @@ the case/week/slice parsed from their names, never by sorted position:
         ROOT/semantic_labels_only/B006_Week0_SEMANTIC.nii.gz
 
 A *case* is one scan (patient + week). In 2D its slices are stacked in slice order into (n_slices, H, W);
-in 3D it is the (X, Y, Z) volume in nibabel's axis order. `load_split` decodes a split once into a
-memory-mapped cache and returns a `CaseSet`; `DeviceBatchSource` keeps it on the training device and
-samples batches there. `python dataset.py check DATA_DIR` prints an integrity report.
+in 3D it is the (X, Y, Z) volume in nibabel's axis order. `preprocess_image` is the one preprocessing of an
+image, for training and prediction alike; `load_split` decodes a split once through it into a memory-mapped
+cache and returns a `CaseSet`. Batches come from sampling.py; `python dataset.py check DATA_DIR` prints the
+integrity report of datacheck.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -31,7 +30,7 @@ import sys
 import time
 import uuid
 import zlib
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -39,23 +38,20 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from tqdm import tqdm
 
-from augment import AugmentConfig, augment_batch
-from utils import CLASS_NAMES, NUM_CLASSES, setup_logging, write_json
+from utils import NUM_CLASSES, setup_logging, write_json
 
-__all__ = ["AugmentConfig", "CaseSet", "DataConfig", "DataError", "DeviceBatchSource", "Pair", "SliceDataset",
-           "augment_batch", "check_data", "default_cache_dir", "detect_layout", "find_pairs", "load_split",
-           "load_split_file", "main", "measure_read_speed", "normalise", "read_image", "read_label", "resize_slices",
-           "save_split", "split_by_patient", "voxel_spacing"]
+__all__ = ["CaseSet", "DataConfig", "DataError", "Pair", "default_cache_dir", "detect_layout", "find_pairs",
+           "load_split", "load_split_file", "main", "normalise", "preprocess_image", "read_image", "read_label",
+           "resize_slices", "save_split", "split_by_patient", "voxel_spacing"]
 
 log = logging.getLogger("hipmri.dataset")
 
 SPLITS = ("train", "validate", "test")
-CACHE_VERSION = 2  # bump whenever the code changes what a cache holds: old caches are then rebuilt
+CACHE_VERSION = 3  # bump whenever the code changes what a cache holds: old caches are then rebuilt
 _LISTED = 5  # offending files named in an error message before "... and N more"
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError)
 
@@ -279,17 +275,18 @@ def voxel_spacing(img: nib.Nifti1Image) -> tuple[tuple[float, float, float], boo
 
 
 def normalise(image: np.ndarray, clip_percentiles: tuple[float, float] | None = (0.5, 99.5),
-              eps: float = 1e-6) -> np.ndarray:
+              eps: float = 1e-6, axes: tuple[int, ...] | None = None) -> np.ndarray:
     """Z-score float32 of any shape: optional percentile clipping, then (x - mean) / max(std, eps).
 
-    The epsilon keeps an all-constant image finite (it becomes all zeros).
+    Statistics over `axes`: None, the whole image; (1, 2), each slice of an (n, H, W) stack on its own, as if
+    normalised one by one. The epsilon keeps an all-constant image (or slice) finite: it becomes all zeros.
     """
     image = np.asarray(image, dtype=np.float32)
     if clip_percentiles is not None:
-        low, high = np.percentile(image, clip_percentiles)
+        low, high = np.percentile(image, clip_percentiles, axis=axes, keepdims=True)
         image = np.clip(image, low, high)
-    mean, std = float(image.mean()), float(image.std())
-    return ((image - mean) / max(std, eps)).astype(np.float32)
+    mean, std = image.mean(axis=axes, keepdims=True), image.std(axis=axes, keepdims=True)
+    return ((image - mean) / np.maximum(std, eps)).astype(np.float32)
 
 
 def _resize_axis(array: np.ndarray, size: int, axis: int, nearest: bool) -> np.ndarray:
@@ -314,6 +311,34 @@ def resize_slices(stack: np.ndarray, size: tuple[int, int], is_label: bool) -> n
     for axis, length in ((1, size[0]), (2, size[1])):
         out = _resize_axis(out, length, axis, nearest=is_label)
     return out.astype(stack.dtype, copy=False)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preprocessing settings; every field is part of the cache key."""
+
+    target_size_2d: tuple[int, int] | None = (256, 128)  # (H, W) every 2D slice is resized to; None: keep native
+    clip_percentiles: tuple[float, float] | None = (0.5, 99.5)  # clip intensities before z-scoring; None: no clip
+    cache_dtype: str = "float16"  # cached image dtype, "float16" or "float32"; labels are always uint8
+    eps: float = 1e-6  # z-score denominator floor
+    split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)  # 3D patient shares of train/validate/test
+
+
+def preprocess_image(image: np.ndarray, spatial_dims: int, cfg: DataConfig) -> np.ndarray:
+    """What the cache stores for an image, as `cfg.cache_dtype`; prediction calls it too, so it sees what
+    training saw.
+
+    2D: an (n, H, W) stack of slices (one file is a stack of one) -> (n, *cfg.target_size_2d), resized
+    bilinearly, then each slice z-scored on its own: a slice file preprocessed alone equals its slice in a
+    cached stack. 3D: an (X, Y, Z) volume -> z-scored as a whole, native size.
+    """
+    if image.ndim != 3:
+        raise ValueError(f"preprocess_image takes an (n, H, W) stack of 2D slices or an (X, Y, Z) volume, "
+                         f"not shape {image.shape}")
+    if spatial_dims == 2 and cfg.target_size_2d is not None:
+        image = resize_slices(image, cfg.target_size_2d, is_label=False)
+    axes = (1, 2) if spatial_dims == 2 else None
+    return normalise(image, cfg.clip_percentiles, cfg.eps, axes).astype(cfg.cache_dtype)
 
 
 # ---------------------------------------------------------------- splits (3D)
@@ -384,17 +409,6 @@ def _split_keys(data_dir: Path, pairs: list[Pair], split_file: Path | None, seed
 # ---------------------------------------------------------------- cache
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    """Preprocessing settings; every field is part of the cache key."""
-
-    target_size_2d: tuple[int, int] | None = (256, 128)  # (H, W) every 2D slice is resized to; None: keep native
-    clip_percentiles: tuple[float, float] | None = (0.5, 99.5)  # clip intensities before z-scoring; None: no clip
-    cache_dtype: str = "float16"  # cached image dtype, "float16" or "float32"; labels are always uint8
-    eps: float = 1e-6  # z-score denominator floor
-    split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)  # 3D patient shares of train/validate/test
-
-
 def default_cache_dir() -> Path:
     """$HIPMRI_CACHE, else $XDG_CACHE_HOME/hipmri-seg, else ~/.cache/hipmri-seg."""
     if os.environ.get("HIPMRI_CACHE"):
@@ -445,12 +459,11 @@ def _read_case(pairs: list[Pair], spatial_dims: int, cfg: DataConfig):
         spacing = (spacing[2], spacing[0], spacing[1])
         image, label = np.stack(images), (np.stack(labels) if labels[0] is not None else None)
     original_shape = image.shape
+    image = preprocess_image(image, spatial_dims, cfg)
     if spatial_dims == 2 and cfg.target_size_2d is not None:
-        image = resize_slices(image, cfg.target_size_2d, is_label=False)
         label = resize_slices(label, cfg.target_size_2d, is_label=True) if label is not None else None
         # Resizing changes the pixel size: spacings describe the arrays as cached (metrics run on them).
         spacing = tuple(s * old / new for s, old, new in zip(spacing, original_shape, image.shape))
-    image = normalise(image, cfg.clip_percentiles, cfg.eps).astype(cfg.cache_dtype)
     return image, label, spacing, original_shape, warnings
 
 
@@ -566,7 +579,7 @@ class CaseSet:
 
     spatial_dims: int
     keys: list[str]  # "case_004_week_0" (2D) / "Case_004_Week0" (3D)
-    images: list[np.ndarray]  # 2D (n_slices, H, W) resized to target; 3D (X, Y, Z) native; z-scored, float16/32
+    images: list[np.ndarray]  # preprocess_image's: 2D (n_slices, H, W) resized, each slice z-scored; 3D (X, Y, Z)
     labels: list[np.ndarray | None]  # same shapes, uint8 0..5
     # mm per axis of the arrays above (2D: slice, in-plane H, in-plane W), after resizing; the files' own
     # spacing is spacing * shape / original_shape per axis.
@@ -641,281 +654,7 @@ def _open_cache(folder: Path, manifest: dict, cases: list[list[Pair]], spatial_d
     )
 
 
-# ---------------------------------------------------------------- batches on the device
-
-
-def _rng(*numbers: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(n) for n in numbers]))
-
-
-class DeviceBatchSource:
-    """A split's labelled scans as tensors on `device`, sampled into (image, label) batches there.
-
-    2D: samples are whole slices (B, 1, H, W). 3D: patches (B, 1, *patch_size) cut at native resolution;
-    a `foreground_fraction` of each epoch's patches (rounded up) is centred on a voxel of a foreground class
-    present in the scan, the class drawn uniformly, so the small prostate is seen often; the rest are placed
-    uniformly. Scans smaller than the patch are padded (image with its minimum, label with 0).
-
-    `epoch(e)` is a pure function of (seed, e, rank, world_size): a resumed run gets the same batches, and
-    rank r of `world_size` takes items r, r + world_size, ... of one shared permutation, so ranks are disjoint.
-    """
-
-    MAX_CENTRES = 10_000  # per class and scan: bounds memory, still spread over the whole structure
-
-    def __init__(self, cases: CaseSet, batch_size: int, device: torch.device | str = "cpu",
-                 patch_size: Sequence[int] | None = None, foreground_fraction: float = 1 / 3, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, augment: AugmentConfig | None = None,
-                 steps_per_epoch: int | None = None):
-        labelled = [i for i, label in enumerate(cases.labels) if label is not None]
-        if not labelled:
-            raise DataError("DeviceBatchSource: the split has no labelled scans to train on")
-        self.cases, self.spatial_dims, self.device = cases, cases.spatial_dims, torch.device(device)
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.augment, self.foreground_fraction = augment, foreground_fraction
-        if self.spatial_dims == 2:
-            if patch_size is not None:
-                raise ValueError("DeviceBatchSource: 2D trains on whole slices; pass patch_size=None")
-            self.images = torch.from_numpy(np.concatenate([cases.images[i] for i in labelled])).to(self.device)
-            self.labels = torch.from_numpy(np.concatenate([cases.labels[i] for i in labelled])).to(self.device)
-            self.num_items = len(self.images)
-            default_steps = self.num_items // world_size // batch_size
-        else:
-            if patch_size is None or len(patch_size) != 3:
-                raise ValueError(f"DeviceBatchSource: 3D needs a patch_size of 3 ints, not {patch_size}")
-            self.patch_size = tuple(int(p) for p in patch_size)
-            self._volumes_to_device(cases, labelled)
-            self.num_items = len(self.volumes)
-            default_steps = 250
-        if self.num_items < world_size:
-            raise DataError(f"{self.num_items} training items cannot be shared by {world_size} ranks")
-        self.steps = steps_per_epoch or max(1, default_steps)
-        if self.spatial_dims == 2:  # a split smaller than one batch per rank still gives one (smaller) batch
-            self.batch_size = min(batch_size, self.num_items // world_size)
-
-    def _volumes_to_device(self, cases: CaseSet, labelled: list[int]) -> None:
-        self.volumes, self.volume_labels, self.centres = [], [], []
-        for i in labelled:
-            image, label = np.array(cases.images[i]), np.array(cases.labels[i])  # copies: off the read-only mmap
-            pad = [(0, max(0, p - s)) for p, s in zip(self.patch_size, image.shape)]
-            if any(after for _, after in pad):
-                image = np.pad(image, pad, constant_values=image.min())
-                label = np.pad(label, pad, constant_values=0)
-            self.volumes.append(torch.from_numpy(np.ascontiguousarray(image)).to(self.device))
-            self.volume_labels.append(torch.from_numpy(np.ascontiguousarray(label)).to(self.device))
-            self.centres.append(self._class_centres(label))
-
-    def _class_centres(self, label: np.ndarray) -> dict[int, np.ndarray]:
-        """Foreground class -> flat voxel indices of that class (an even subsample of at most MAX_CENTRES)."""
-        flat = label.ravel()
-        foreground = np.flatnonzero(flat)
-        values = flat[foreground]
-        centres = {}
-        for cls in range(1, NUM_CLASSES):
-            where = foreground[values == cls]
-            if len(where):
-                centres[cls] = where[:: max(1, math.ceil(len(where) / self.MAX_CENTRES))]
-        return centres
-
-    def __len__(self) -> int:
-        """Batches per epoch on this rank."""
-        return self.steps
-
-    def _epoch_items(self, epoch: int) -> np.ndarray:
-        """Item indices for this rank's batches: this rank's share of seeded permutations of all items."""
-        needed = self.steps * self.batch_size * self.world_size
-        repeats = math.ceil(needed / self.num_items)
-        order = np.concatenate([_rng(self.seed, epoch, r).permutation(self.num_items) for r in range(repeats)])
-        return order[:needed][self.rank::self.world_size]
-
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (image float32 (B, 1, *S), label int64 (B, *S)) on the device; `start_batch` skips ahead."""
-        items = self._epoch_items(epoch).reshape(self.steps, self.batch_size)
-        starts = self._patch_starts(epoch, items) if self.spatial_dims == 3 else None
-        for step in range(start_batch, self.steps):
-            if self.spatial_dims == 2:
-                index = torch.from_numpy(items[step]).to(self.device)
-                image = self.images.index_select(0, index).unsqueeze(1).float()
-                label = self.labels.index_select(0, index).long()
-            else:
-                image, label = self._cut_patches(items[step], starts[step])
-            if self.augment is not None:
-                generator = torch.Generator(device=self.device)
-                generator.manual_seed(int(_rng(self.seed, epoch, self.rank, step).integers(2**62)))
-                image, label = augment_batch(image, label, generator, self.augment)
-            yield image, label
-
-    def _patch_starts(self, epoch: int, items: np.ndarray) -> np.ndarray:
-        """(steps, B, 3) patch corners; ceil(fraction * n) of them, at random positions, centred on foreground."""
-        rng = _rng(self.seed, epoch, self.rank, 2**31)
-        n = items.size
-        foreground = rng.permutation(n) < math.ceil(self.foreground_fraction * n)
-        starts = np.zeros((n, 3), dtype=np.int64)
-        for k, (item, wants_fg) in enumerate(zip(items.ravel(), foreground)):
-            shape = np.array(self.volumes[item].shape)
-            high = shape - np.array(self.patch_size)
-            classes = sorted(self.centres[item])
-            if wants_fg and classes:
-                voxels = self.centres[item][classes[rng.integers(len(classes))]]
-                centre = np.array(np.unravel_index(voxels[rng.integers(len(voxels))], shape))
-                starts[k] = np.clip(centre - np.array(self.patch_size) // 2, 0, high)
-            else:
-                starts[k] = [rng.integers(h + 1) for h in high]
-        return starts.reshape(*items.shape, 3)
-
-    def _cut_patches(self, items: np.ndarray, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = [], []
-        for item, (x, y, z) in zip(items, starts):
-            px, py, pz = self.patch_size
-            images.append(self.volumes[item][x:x + px, y:y + py, z:z + pz])
-            labels.append(self.volume_labels[item][x:x + px, y:y + py, z:z + pz])
-        return torch.stack(images).unsqueeze(1).float(), torch.stack(labels).long()
-
-    def state_dict(self) -> dict:
-        """Batches depend only on (seed, epoch, rank, world_size); the state is the seed."""
-        return {"seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed = int(state["seed"])
-
-
-class SliceDataset(torch.utils.data.Dataset):
-    """2D slices of a CaseSet for a DataLoader: item i -> (image float32 (1, H, W), label int64 (H, W))."""
-
-    def __init__(self, cases: CaseSet):
-        if cases.spatial_dims != 2:
-            raise ValueError("SliceDataset serves 2D slices; for 3D use DeviceBatchSource (patches)")
-        # Plain ndarray views of the memory maps: indexing a np.memmap costs more per item.
-        self.images = [np.asarray(image) for image in cases.images]
-        self.labels = [np.asarray(label) if label is not None else None for label in cases.labels]
-        self.index = [(c, s) for c, image in enumerate(self.images) if self.labels[c] is not None
-                      for s in range(image.shape[0])]
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        case, s = self.index[i]
-        image = torch.from_numpy(self.images[case][s]).float().unsqueeze(0)  # torch converts float16 ~6x faster
-        return image, torch.from_numpy(self.labels[case][s]).long()
-
-
-# ---------------------------------------------------------------- integrity report
-
-
-def _verify_gzip(path: Path) -> None:
-    """DataError unless a .gz file decompresses to its end with a matching checksum. nibabel stops reading at
-    the last voxel and so never sees the checksum: damage inside a stored (incompressible) block goes unnoticed."""
-    if not path.name.lower().endswith(".gz"):
-        return
-    try:
-        with gzip.open(path, "rb") as stream:
-            while stream.read(1 << 22):
-                pass
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: corrupt gzip stream ({type(exc).__name__}: {exc}); re-copy or re-download it") \
-            from exc
-
-
-def _inspect_pair(task: tuple[Pair, int]) -> dict:
-    """Worker for `check`: read one pair, never raise; collect shape, dtypes, spacing, label counts, problems."""
-    pair, spatial_dims = task
-    info: dict = {"problems": [], "shape": None, "disk_shape": None, "dtype": None, "label_dtype": None,
-                  "spacing": None, "assumed_spacing": False, "counts": None}
-    try:
-        _verify_gzip(pair.image)
-        image, img = read_image(pair.image, spatial_dims)
-        info.update(shape=image.shape, disk_shape=img.shape, dtype=str(img.get_data_dtype()))
-        info["spacing"], info["assumed_spacing"] = voxel_spacing(img)
-    except DataError as exc:
-        info["problems"].append(str(exc))
-        image = None
-    if pair.label is None:
-        return info
-    try:
-        _verify_gzip(pair.label)
-        label = read_label(pair.label, spatial_dims)
-        info["label_dtype"] = str(nib.load(str(pair.label)).get_data_dtype())
-        info["counts"] = np.bincount(label.ravel(), minlength=NUM_CLASSES)
-        if image is not None and label.shape != image.shape:
-            info["problems"].append(f"shape mismatch: image {pair.image} is {image.shape}, "
-                                    f"label {pair.label} is {label.shape}")
-    except DataError as exc:
-        info["problems"].append(str(exc))
-    return info
-
-
-def _check_groups(data_dir: Path) -> tuple[int, dict[str, _Naming]]:
-    layout = detect_layout(data_dir)
-    if layout == "3d":
-        return 3, {"all scans": _naming_3d(data_dir)}
-    return 2, {s: _naming_2d(s) for s in SPLITS if (data_dir / _naming_2d(s).image_dir).is_dir()}
-
-
-def _slice_problems(pairs: list[Pair], infos: list[dict]) -> list[str]:
-    """2D: every scan should hold slices 0..n-1 of one in-plane shape."""
-    problems, by_case = [], defaultdict(list)
-    for pair, info in zip(pairs, infos):
-        by_case[pair.case_key].append((pair.slice_index, info["shape"]))
-    for case, slices in sorted(by_case.items()):
-        indices = sorted(s for s, _ in slices)
-        if indices != list(range(len(indices))):
-            missing = sorted(set(range(max(indices) + 1)) - set(indices))
-            problems.append(f"{case}: slice indices are not 0..{len(indices) - 1} (missing {_listing(missing, 8)})")
-        shapes = {shape for _, shape in slices if shape is not None}
-        if len(shapes) > 1:
-            problems.append(f"{case}: slices differ in shape {sorted(shapes)}")
-    return problems
-
-
-def _group_report(name: str, pairs: list[Pair], infos: list[dict]) -> list[str]:
-    counts = sum((i["counts"] for i in infos if i["counts"] is not None), np.zeros(NUM_CLASSES, dtype=np.int64))
-    shares = counts / max(int(counts.sum()), 1)
-    patients = sorted({p.case_id for p in pairs})
-    lines = [f"[{name}] {len(pairs)} files, {len({p.case_key for p in pairs})} scans, {len(patients)} patients"]
-    for title, values in (("image shapes on disk", [i["disk_shape"] for i in infos]),
-                          ("image dtypes", [i["dtype"] for i in infos]),
-                          ("label dtypes", [i["label_dtype"] for i in infos]),
-                          ("voxel spacings (mm, file x, y, z)",
-                           [tuple(round(s, 4) for s in i["spacing"]) for i in infos if i["spacing"]])):
-        seen = Counter(v for v in values if v is not None)
-        lines.append(f"  {title}: " + (", ".join(f"{v} x{n}" for v, n in seen.most_common()) or "none readable"))
-    assumed = sum(i["assumed_spacing"] for i in infos)
-    if assumed:
-        lines.append(f"  note: {assumed} file(s) give no slice spacing; 1.0 mm is assumed for them")
-    lines.append(f"  label values: {[v for v in range(NUM_CLASSES) if counts[v]]}; class shares: "
-                 + ", ".join(f"{CLASS_NAMES[c]} {100 * shares[c]:.2f}%" for c in range(NUM_CLASSES)))
-    lines.append(f"  patients: {_listing(patients, 40)}")
-    return lines
-
-
-def check_data(data_dir: str | Path, workers: int | None = None) -> tuple[list[str], list[str]]:
-    """Read every file under `data_dir` and return (report lines, problems); DataError if no layout is found."""
-    data_dir = Path(data_dir)
-    spatial_dims, groups = _check_groups(data_dir)
-    report = [f"layout: {spatial_dims}D ({', '.join(sorted({n.image_dir for n in groups.values()}))}) in {data_dir}"]
-    problems: list[str] = []
-    scanned = {}
-    for name, naming in groups.items():
-        pairs, found = _scan(data_dir, naming, require_labels=True)
-        scanned[name] = pairs
-        problems += [f"{kind}: {item}" for kind, items in found.items() for item in items]
-    tasks = [(pair, spatial_dims) for pairs in scanned.values() for pair in pairs]
-    workers = workers if workers is not None else min(2, os.cpu_count() or 1)
-    infos = iter(list(_parallel(_inspect_pair, tasks, workers, "reading", "file")))
-    patients = {}
-    for name, pairs in scanned.items():
-        group_infos = [next(infos) for _ in pairs]
-        problems += [p for info in group_infos for p in info["problems"]]
-        if spatial_dims == 2:
-            problems += _slice_problems(pairs, group_infos)
-        report += _group_report(name, pairs, group_infos)
-        patients[name] = {p.case_id for p in pairs}
-    if spatial_dims == 2:
-        shared = sorted(p for p in set().union(*patients.values()) if sum(p in s for s in patients.values()) > 1)
-        report.append(f"patients in more than one split: {_listing(shared, 40) if shared else 'none'}")
-        problems += [f"patient {p} is in several splits: " + ", ".join(n for n, s in patients.items() if p in s)
-                     for p in shared]
-    return report, problems
+# ---------------------------------------------------------------- check CLI
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -933,53 +672,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.data_dir.is_dir():
         print(f"dataset.py check: {args.data_dir} is not a folder", file=sys.stderr)
         return 2
-    try:
-        report, problems = check_data(args.data_dir, args.workers)
-    except DataError as exc:
-        report, problems = [], [str(exc)]
-    print("\n".join(report))
-    print(f"problems: {len(problems)}" + "".join(f"\n  - {p}" for p in problems))
-    return 1 if problems else 0
+    import datacheck  # here, not at the top: datacheck imports this module
 
-
-# ---------------------------------------------------------------- speed
-
-
-def measure_read_speed(data_dir: str | Path, split: str = "train", cache_dir: str | Path | None = None,
-                       max_files: int | None = None, workers: int | None = None) -> dict:
-    """Seconds to read one epoch of `split` through the warm cache and file by file with nibabel (image and
-    label, `get_fdata`: the student-project way), in one run, with the ratios. Cache figures: `open` is
-    `load_split` on a warm cache (once per run); `epoch` copies every scan out of the memory map as
-    DeviceBatchSource does; `slice_dataset` indexes every item of a SliceDataset (2D). Items are slices (2D)
-    or volumes (3D); `max_files` limits the nibabel pass (rates stay comparable)."""
-    load_split(data_dir, split, cache_dir=cache_dir, workers=workers)  # build the cache if it is cold
-    times = {}
-    started = time.perf_counter()
-    cases = load_split(data_dir, split, cache_dir=cache_dir, workers=workers)
-    times["open"] = time.perf_counter() - started
-    started = time.perf_counter()
-    for image, label in zip(cases.images, cases.labels):
-        np.array(image), np.array(label)
-    times["epoch"] = time.perf_counter() - started
-    if cases.spatial_dims == 2:
-        slices = SliceDataset(cases)
-        started = time.perf_counter()
-        for index in range(len(slices)):
-            slices[index]
-        times["slice_dataset"] = time.perf_counter() - started
-    pairs = [p for case in cases.sources for p in case][:max_files]
-    started = time.perf_counter()
-    for pair in pairs:
-        nib.load(str(pair.image)).get_fdata(), nib.load(str(pair.label)).get_fdata()
-    nibabel_per_item = (time.perf_counter() - started) / len(pairs)
-    items = sum(len(case) for case in cases.sources)
-    result = {"items": items, "nibabel_seconds": nibabel_per_item * items}
-    result.update({f"{name}_seconds": seconds for name, seconds in times.items()})
-    for name in ("epoch", "slice_dataset"):
-        if name in times:
-            result[f"speedup_{name}"] = result["nibabel_seconds"] / times[name]
-    result["speedup_open_and_epoch"] = result["nibabel_seconds"] / (times["open"] + times["epoch"])
-    return result
+    return datacheck.print_report(args.data_dir, args.workers)
 
 
 if __name__ == "__main__":

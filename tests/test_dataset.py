@@ -1,4 +1,5 @@
-"""dataset.py and augment.py: pairing, reading, checks, splits, cache, batches, augmentation, `check` CLI.
+"""dataset.py, datacheck.py, sampling.py and augment.py: pairing, reading, preprocessing, splits, cache, the
+`check` CLI and report, batches, augmentation.
 
 Most tests write tiny NIfTI files in the real layouts (a few 16x8 slices or 16x16x8 volumes) so the whole
 file runs in seconds; the last ones use phantom.py when it is there.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -19,8 +22,11 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 import dataset
+import sampling
 from augment import AugmentConfig, augment_batch
 from dataset import DataConfig, DataError
+
+REPO = Path(__file__).resolve().parents[1]
 
 ZOOMS = (0.9, 0.8, 2.5)  # distinct per axis so a mixed-up spacing order shows
 SMALL = DataConfig(target_size_2d=(16, 8))
@@ -235,6 +241,45 @@ def test_2d_load_split_stacks_slices_resizes_and_keeps_geometry(tmp_path, cache)
     np.testing.assert_array_equal(cases.labels[1][1], expected[0, 0].numpy())
 
 
+def write_uneven_slices(root: Path, rng) -> None:
+    """One 2D scan of 3 slices, 20x12 (resized to SMALL's 16x8), each 4x brighter than the one before: z-scoring
+    the stack as a whole would leave the slices on different scales."""
+    for s in range(3):
+        image, label = random_pair(rng, (20, 12))
+        write_nifti(root / "keras_slices_train" / f"case_004_week_0_slice_{s}.nii.gz", image * 4**s)
+        write_nifti(root / "keras_slices_seg_train" / f"seg_004_week_0_slice_{s}.nii.gz", label)
+
+
+def test_2d_slices_are_z_scored_one_by_one(tmp_path, cache):
+    write_uneven_slices(tmp_path / "data", np.random.default_rng(3))
+    cases = dataset.load_split(tmp_path / "data", "train", SMALL, cache_dir=cache, workers=1)
+    cached = np.asarray(cases.images[0], np.float32)
+    assert cached.shape == (3, 16, 8)
+    np.testing.assert_allclose(cached.mean(axis=(1, 2)), 0, atol=2e-3)
+    np.testing.assert_allclose(cached.std(axis=(1, 2)), 1, atol=2e-3)
+    raw = np.stack([dataset.read_image(p.image, 2)[0] for p in cases.sources[0]])
+    as_one = dataset.normalise(dataset.resize_slices(raw, (16, 8), is_label=False))
+    assert np.abs(as_one - cached).max() > 0.5, "z-scoring the stack as one gives the same: the test cannot fail"
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_a_file_preprocessed_alone_equals_its_cached_image(tmp_path, cache, spatial_dims):
+    """predict.py preprocesses one file at a time, training reads the cache: the model must see the same input."""
+    root = tmp_path / "data"
+    if spatial_dims == 2:
+        write_uneven_slices(root, np.random.default_rng(4))
+        cases = dataset.load_split(root, "train", SMALL, cache_dir=cache, workers=1)
+    else:
+        cases = dataset.load_split(make_3d(root), "train", SMALL, cache_dir=cache, workers=1)
+    for image, pairs in zip(cases.images, cases.sources):
+        for index, pair in enumerate(pairs):
+            alone = dataset.read_image(pair.image, spatial_dims)[0]
+            alone = dataset.preprocess_image(alone[None] if spatial_dims == 2 else alone, spatial_dims, SMALL)
+            assert alone.dtype == image.dtype == np.float16
+            np.testing.assert_array_equal(alone[0] if spatial_dims == 2 else alone,
+                                          image[index] if spatial_dims == 2 else image)
+
+
 def test_resize_matches_torch_bilinear():
     stack = np.random.default_rng(2).random((3, 20, 18), dtype=np.float32)
     ours = dataset.resize_slices(stack, (16, 8), is_label=False)
@@ -342,13 +387,13 @@ def seen(source, epoch):
 
 def test_ranks_see_disjoint_slices_and_epochs_are_reproducible():
     cases = numbered_slices()
-    ranks = [dataset.DeviceBatchSource(cases, batch_size=2, seed=5, rank=r, world_size=2) for r in range(2)]
+    ranks = [sampling.DeviceBatchSource(cases, batch_size=2, seed=5, rank=r, world_size=2) for r in range(2)]
     assert len(ranks[0]) == 3  # 15 slices // 2 ranks // batch of 2
     first, second = seen(ranks[0], 0), seen(ranks[1], 0)
     assert len(first) == len(second) == 6 and not set(first) & set(second)
     assert len(set(first)) == 6
     assert seen(ranks[0], 0) == first and seen(ranks[0], 1) != first
-    again = dataset.DeviceBatchSource(cases, batch_size=2, seed=5, rank=0, world_size=2)
+    again = sampling.DeviceBatchSource(cases, batch_size=2, seed=5, rank=0, world_size=2)
     assert seen(again, 0) == first
     tail = [int(v) for image, _ in again.epoch(0, start_batch=1) for v in image[:, 0, 0, 0]]
     assert tail == first[2:]
@@ -356,11 +401,11 @@ def test_ranks_see_disjoint_slices_and_epochs_are_reproducible():
 
 def test_2d_batches_with_augmentation_have_training_shapes():
     cases = numbered_slices()
-    source = dataset.DeviceBatchSource(cases, batch_size=4, seed=0, augment=AugmentConfig())
+    source = sampling.DeviceBatchSource(cases, batch_size=4, seed=0, augment=AugmentConfig())
     image, label = next(iter(source.epoch(0)))
     assert image.shape == (4, 1, 8, 4) and image.dtype == torch.float32
     assert label.shape == (4, 8, 4) and label.dtype == torch.int64
-    again = next(iter(dataset.DeviceBatchSource(cases, batch_size=4, seed=0, augment=AugmentConfig()).epoch(0)))
+    again = next(iter(sampling.DeviceBatchSource(cases, batch_size=4, seed=0, augment=AugmentConfig()).epoch(0)))
     assert torch.equal(again[0], image)
 
 
@@ -376,7 +421,7 @@ def tiny_prostate_volume(with_body: bool):
 def test_foreground_oversampling_finds_a_tiny_prostate(with_body, low, high):
     label = tiny_prostate_volume(with_body)
     cases = hand_caseset([label.astype(np.float16)], [label], 3)
-    source = dataset.DeviceBatchSource(cases, batch_size=4, patch_size=(16, 16, 8), seed=0, steps_per_epoch=150)
+    source = sampling.DeviceBatchSource(cases, batch_size=4, patch_size=(16, 16, 8), seed=0, steps_per_epoch=150)
     hits = [bool((patch == 5).flatten(1).any(1)[i]) for _, patch in source.epoch(0) for i in range(len(patch))]
     share = sum(hits) / len(hits)  # 1/3 of patches are centred on a present foreground class, drawn uniformly
     assert len(hits) == 600 and low <= share <= high, share
@@ -386,15 +431,15 @@ def test_small_volumes_are_padded_to_the_patch():
     label = np.ones((10, 12, 4), np.uint8)
     image = np.full((10, 12, 4), 3.0, np.float16)
     image[0, 0, 0] = -2.0
-    source = dataset.DeviceBatchSource(hand_caseset([image], [label], 3), batch_size=2, patch_size=(16, 16, 8),
-                                       steps_per_epoch=2)
+    source = sampling.DeviceBatchSource(hand_caseset([image], [label], 3), batch_size=2, patch_size=(16, 16, 8),
+                                        steps_per_epoch=2)
     patch, patch_label = next(iter(source.epoch(0)))
     assert patch.shape == (2, 1, 16, 16, 8) and patch_label.shape == (2, 16, 16, 8)
     assert patch[0, 0, 12, 12, 6] == -2.0 and patch_label[0, 12, 12, 6] == 0 and patch_label[0, 5, 5, 2] == 1
 
 
 def test_slice_dataset_serves_slices():
-    data = dataset.SliceDataset(numbered_slices())
+    data = sampling.SliceDataset(numbered_slices())
     image, label = data[7]
     assert len(data) == 15 and image.shape == (1, 8, 4) and image[0, 0, 0] == 7 and label.dtype == torch.int64
 
@@ -481,6 +526,18 @@ def test_check_reports_problems_and_survives_a_truncated_file(tmp_path, capsys):
         assert text in out, text
 
 
+def test_check_runs_as_a_script(tmp_path):
+    """As a script dataset.py is `__main__`, a second copy beside the `dataset` datacheck imports: a missing
+    layout must still come out as a reported problem, and the reading processes must start."""
+    command = [sys.executable, "dataset.py", "check"]
+    clean = subprocess.run([*command, str(make_2d(tmp_path / "data")), "--workers", "2"], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert clean.returncode == 0 and "problems: 0" in clean.stdout, clean.stderr
+    empty = subprocess.run([*command, str(tmp_path / "data" / "keras_slices_train")], cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+    assert empty.returncode == 1 and "no HipMRI layout found" in empty.stdout, empty.stderr
+
+
 def test_check_bad_usage_exits_2(tmp_path, capsys):
     assert dataset.main(["check", str(tmp_path / "nowhere")]) == 2
     assert dataset.main([]) == 2
@@ -505,7 +562,7 @@ def test_phantom_2d_loads_with_its_quirks(phantom_2d_dir, tmp_path, capsys):
     assert singleton.spacings[j] == (1.5625, 1.5625, 2.5)  # (between slices, in-plane x, in-plane z) in mm
     assert odd.spacings[i] == (1.5625, 1.5625, 2.5 * 144 / 128)  # of the resized array: pixels got wider
     assert set(np.unique(splits["train"].labels[0])) == set(range(6))
-    source = dataset.DeviceBatchSource(splits["train"], batch_size=8, augment=AugmentConfig())
+    source = sampling.DeviceBatchSource(splits["train"], batch_size=8, augment=AugmentConfig())
     image, label = next(iter(source.epoch(0)))
     assert len(source) == 15 and image.shape == (8, 1, 256, 128) and torch.isfinite(image).all()
 
@@ -515,13 +572,13 @@ def test_phantom_3d_split_patches_and_check(phantom_3d_dir, tmp_path):
     train = dataset.load_split(phantom_3d_dir, "train", cache_dir=tmp_path / "cache",
                                split_file=tmp_path / "split.json", workers=2)
     assert len(train) == 1 and train.spacings[0] == (1.5625, 1.5625, 2.5)
-    source = dataset.DeviceBatchSource(train, batch_size=2, patch_size=(128, 128, 64), steps_per_epoch=30, seed=1)
+    source = sampling.DeviceBatchSource(train, batch_size=2, patch_size=(128, 128, 64), steps_per_epoch=30, seed=1)
     labels = torch.cat([label for _, label in source.epoch(0)])
     assert labels.shape == (60, 128, 128, 64) and int(labels.max()) <= 5
     assert (labels == 5).flatten(1).any(1).float().mean() >= 1 / 15  # >= 1/3 foreground x 1/5 prostate
 
 
 def test_measure_read_speed_reports_both_ways(tmp_path, cache):
-    speed = dataset.measure_read_speed(make_2d(tmp_path / "data"), cache_dir=cache, max_files=4, workers=1)
+    speed = sampling.measure_read_speed(make_2d(tmp_path / "data"), cache_dir=cache, max_files=4, workers=1)
     assert speed["items"] == 9 and speed["nibabel_seconds"] > 0 and speed["epoch_seconds"] > 0
     assert {"speedup_epoch", "speedup_slice_dataset", "speedup_open_and_epoch"} <= speed.keys()
