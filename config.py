@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import os
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 
 from utils import NUM_CLASSES
 
@@ -51,13 +49,9 @@ class TrainConfig:
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     device: str | None = None  # cpu | cuda | cuda:N ; None picks the best
     workers: int | None = None  # processes for building the cache
-    cache_dir: str | None = None  # decoded-data cache; default ~/.cache/hipmri-seg (or $HIPMRI_CACHE)
+    cache_dir: str | None = None  # decoded data and the default phantom; default $HIPMRI_CACHE or ~/.cache/hipmri-seg
     resume: bool = False  # continue from RUN/last.pt
     verbose: bool = False  # debug logging
-
-
-def default_cache_root(cfg: TrainConfig) -> Path:
-    return Path(cfg.cache_dir or os.environ.get("HIPMRI_CACHE") or Path.home() / ".cache" / "hipmri-seg")
 
 
 # ---------------------------------------------------------------- command line

@@ -26,8 +26,10 @@ import dataset
 import inference
 import losses
 import metrics
+import sampling
 import utils
-from config import RESUME_MAY_CHANGE, TrainConfig, default_cache_root, model_args, parse_config
+from augment import AugmentConfig
+from config import RESUME_MAY_CHANGE, TrainConfig, model_args, parse_config
 from modules import UNet
 
 log = logging.getLogger("hipmri.train")
@@ -64,7 +66,7 @@ def ensure_phantom(cfg: TrainConfig) -> Path:
     import phantom
 
     layout = "3d" if cfg.dims == 3 else "2d"
-    folder = default_cache_root(cfg) / f"phantom-{layout}-seed{cfg.seed}"
+    folder = Path(cfg.cache_dir or dataset.default_cache_dir()) / f"phantom-{layout}-seed{cfg.seed}"
     if not (folder / phantom.COMPLETE_MARKER).exists():
         log.info("no --data-dir: generating a %s phantom data set in %s (once)", layout, folder)
         phantom.write_dataset(folder, layout=layout, seed=cfg.seed)
@@ -176,7 +178,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     loss_fn: torch.nn.Module
-    source: dataset.DeviceBatchSource
+    source: sampling.DeviceBatchSource
     val_cases: dataset.CaseSet
     total_steps: int
     counters: dict  # epoch (completed), step, best_dice, best_epoch, history, train_seconds, bad_steps
@@ -203,20 +205,19 @@ def build_run(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
     utils.seed_everything(cfg.seed)
     data_cfg = dataset.DataConfig()
     split_file = run_dir / "split.json" if cfg.dims == 3 else None
-    cache = default_cache_root(cfg) / "cases"
     if not ranks.is_main:
         barrier(ranks)  # rank 0 builds the cache (and split.json) first; the others then read it
-    train_cases = dataset.load_split(cfg.data_dir, "train", data_cfg, cache_dir=cache, split_file=split_file,
+    train_cases = dataset.load_split(cfg.data_dir, "train", data_cfg, cache_dir=cfg.cache_dir, split_file=split_file,
                                      seed=cfg.seed, workers=cfg.workers)
-    val_cases = dataset.load_split(cfg.data_dir, "validate", data_cfg, cache_dir=cache, split_file=split_file,
+    val_cases = dataset.load_split(cfg.data_dir, "validate", data_cfg, cache_dir=cfg.cache_dir, split_file=split_file,
                                    seed=cfg.seed, workers=cfg.workers)
     if ranks.is_main:
         barrier(ranks)
-    augment = dataset.AugmentConfig() if cfg.augment else None
-    source = dataset.DeviceBatchSource(train_cases, patch_size=cfg.patch_size if cfg.dims == 3 else None,
-                                       batch_size=cfg.batch_size, device=device, seed=cfg.seed,
-                                       foreground_fraction=cfg.foreground_fraction, steps_per_epoch=cfg.steps_per_epoch,
-                                       rank=ranks.rank, world_size=ranks.world_size, augment=augment)
+    augment = AugmentConfig() if cfg.augment else None
+    source = sampling.DeviceBatchSource(
+        train_cases, patch_size=cfg.patch_size if cfg.dims == 3 else None, batch_size=cfg.batch_size, device=device,
+        seed=cfg.seed, foreground_fraction=cfg.foreground_fraction, steps_per_epoch=cfg.steps_per_epoch,
+        rank=ranks.rank, world_size=ranks.world_size, augment=augment)
     model = UNet(**model_args(cfg)).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=utils.channels_last_format(cfg.dims))

@@ -216,8 +216,11 @@ def plot_progress(history: Sequence[dict[str, Any]], path: str | os.PathLike) ->
     ax_lr.plot(epochs, [row["lr"] for row in history], color="#2a9d8f")
     ax_lr.set(title="Learning rate (end of epoch)", xlabel="epoch", ylabel="lr")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_loss, ax_dice, ax_lr):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     buffer = _figure_png_bytes(fig)
     plt.close(fig)
     atomic_write_bytes(path, buffer)
