@@ -32,7 +32,7 @@ class TrainConfig:
     loss: str = "dicece"  # dice | ce | dicece
     class_weights: str = "default"  # default ([1..6] normalised) | inverse (from training labels) | none | w0,w1,..,w5
     features: tuple[int, ...] = (16, 32, 64, 128, 256)  # channels per UNet stage
-    norm: str = "batch"  # batch | instance
+    norm: str | None = None  # batch | instance; None: batch in 2D, instance in 3D (batches of 2 patches)
     deep_supervision: bool = False  # extra losses on the decoder's coarser outputs
     patch_size: tuple[int, ...] = (128, 128, 64)  # 3D training patch (x, y, z); 2D trains on whole slices
     steps_per_epoch: int | None = None  # None: one pass over the slices (2D), 250 patches per batch slot (3D)

@@ -416,6 +416,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hipmri-seg"
 
 
+def default_phantom(cache_dir: str | Path | None = None, layout: str = "2d", seed: int = 0) -> Path:
+    """The default data set when no data folder is given: a phantom (12 patients x 2 weeks) in the cache
+    folder, generated there on first use and reused afterwards."""
+    import phantom
+
+    folder = Path(cache_dir or default_cache_dir()) / f"phantom-{layout}-seed{seed}"
+    if not (folder / phantom.COMPLETE_MARKER).exists():
+        log.info("no data folder given: generating the default %s phantom in %s (once)", layout, folder)
+        phantom.write_dataset(folder, layout=layout, seed=seed)
+    return folder
+
+
 def _group_cases(pairs: list[Pair]) -> list[list[Pair]]:
     """Pairs grouped by scan, scans sorted, 2D slices in slice order."""
     cases: dict[str, list[Pair]] = defaultdict(list)

@@ -26,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["gaussian_importance_map", "window_starts", "sliding_window_predict", "predict_case"]
+import metrics
+from utils import CLASS_NAMES
+
+__all__ = ["gaussian_importance_map", "window_starts", "sliding_window_predict", "predict_case", "validate_cases"]
 
 
 @functools.lru_cache(maxsize=8)
@@ -334,3 +337,28 @@ def predict_case(
         model, volume[None, None], patch_size, overlap, batch_size, gaussian, progress=progress, **options
     )
     return probs[0]
+
+
+def validate_cases(model: nn.Module, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], spatial_dims: int,
+                   loss_fn: nn.Module | None = None, progress: bool = False, **predict_options) -> dict[str, float]:
+    """The validation metric train.py selects best.pt by: hard Dice per case and class (2D: the case's stacked
+    slices), averaged over cases, and `loss_fn` on each whole case.
+
+    Returns {"val_loss", "dice_mean_fg", "dice_<class>" for each foreground class}. The model is put in eval mode;
+    `predict_options` go to :func:`predict_case` (patch_size, device, amp_dtype, batch_size, ...).
+    """
+    model.eval()
+    dice_rows, loss_sum = [], 0.0
+    cases = zip(images, labels)
+    for image, label in _progress(cases, progress, "validate") if progress else cases:
+        probs = predict_case(model, image, spatial_dims, **predict_options)
+        if loss_fn is not None:
+            target = torch.from_numpy(np.asarray(label, dtype=np.int64)).to(probs.device)
+            # softmax(log p) == p, so a loss that takes logits applies to probabilities through their log.
+            loss_sum += float(loss_fn(torch.log(probs.clamp_min(1e-8))[None], target[None]))
+        dice_rows.append(metrics.dice_per_class(probs.argmax(0).cpu().numpy(), np.asarray(label), len(CLASS_NAMES)))
+    summary = metrics.summarise(np.array(dice_rows), CLASS_NAMES)
+    row = {"val_loss": loss_sum / len(dice_rows) if loss_fn is not None else math.nan,
+           "dice_mean_fg": summary["mean_foreground"]}
+    row.update({f"dice_{name}": summary["mean"][name] for name in CLASS_NAMES[1:]})
+    return row

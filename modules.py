@@ -179,6 +179,8 @@ class UNet(nn.Module):
 
 def _pad_to_multiple(x: torch.Tensor, divisor: int) -> torch.Tensor:
     """Zero-pad the high end of each spatial axis of (B, C, *S) up to a multiple of `divisor`."""
+    # Floor division rather than (-s) % divisor: torch.compile with dynamic shapes (torch 2.13) fails
+    # to lower the modulo once batch norm turns the padded size into a float.
     pads = [(s + divisor - 1) // divisor * divisor - s for s in x.shape[2:]]
     if not any(pads):
         return x
@@ -207,12 +209,6 @@ def init_weights(model: nn.Module, act: str = "relu") -> None:
             if module.weight is not None:
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-
-
-def channels_last_format(spatial_dims: int) -> torch.memory_format:
-    """torch.channels_last for 2D models and inputs, torch.channels_last_3d for 3D."""
-    _layers(spatial_dims)
-    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:

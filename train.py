@@ -8,8 +8,6 @@ Outputs in RUN/: config.json, split.json (3D), metrics.csv, progress.png, last.p
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import os
@@ -17,7 +15,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -25,7 +22,6 @@ from tqdm import tqdm
 import dataset
 import inference
 import losses
-import metrics
 import sampling
 import utils
 from augment import AugmentConfig
@@ -47,30 +43,21 @@ def resolve_config(cfg: TrainConfig, overrides: dict) -> TrainConfig:
                              f"Drop them, or start a new run with another --out.")
         return replace(saved, **{k: v for k, v in overrides.items() if k in RESUME_MAY_CHANGE})
     if cfg.data_dir is None:
-        cfg = replace(cfg, data_dir=str(ensure_phantom(cfg)))
+        cfg = replace(cfg, data_dir=str(dataset.default_phantom(cfg.cache_dir, "3d" if cfg.dims == 3 else "2d",
+                                                                cfg.seed)))
     layout_dims = 2 if dataset.detect_layout(cfg.data_dir) == "2d" else 3
     if cfg.dims is not None and cfg.dims != layout_dims:
         raise SystemExit(f"--dims {cfg.dims} does not match the {layout_dims}D layout found in {cfg.data_dir}")
     cfg = replace(cfg, dims=layout_dims)
     if cfg.batch_size is None:
         cfg = replace(cfg, batch_size=8 if cfg.dims == 2 else 2)
+    if cfg.norm is None:  # batch statistics of 2 correlated 3D patches are noise: instance norm there
+        cfg = replace(cfg, norm="batch" if cfg.dims == 2 else "instance")
     return cfg
 
 
 def _tuples(config: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-
-
-def ensure_phantom(cfg: TrainConfig) -> Path:
-    """Generate the default phantom once into the cache folder and reuse it afterwards."""
-    import phantom
-
-    layout = "3d" if cfg.dims == 3 else "2d"
-    folder = Path(cfg.cache_dir or dataset.default_cache_dir()) / f"phantom-{layout}-seed{cfg.seed}"
-    if not (folder / phantom.COMPLETE_MARKER).exists():
-        log.info("no --data-dir: generating a %s phantom data set in %s (once)", layout, folder)
-        phantom.write_dataset(folder, layout=layout, seed=cfg.seed)
-    return folder
 
 
 # ---------------------------------------------------------------- distributed set-up
@@ -145,14 +132,14 @@ def _cosine_between(first: float, last: float, fraction: float) -> float:
     return last + (first - last) * (1 + math.cos(math.pi * fraction)) / 2
 
 
-def class_weights(cfg: TrainConfig, train_cases: dataset.CaseSet) -> list[float] | None:
+def class_weights(cfg: TrainConfig, train_cases: dataset.CaseSet) -> list[float]:
+    """Dice class weights from --class-weights: default ([1..6]/21), inverse frequency, none (uniform), or six."""
     if cfg.class_weights == "none":
-        return None
+        return [1.0] * utils.NUM_CLASSES
     if cfg.class_weights == "default":
-        return [w / 21 for w in range(1, utils.NUM_CLASSES + 1)]
+        return losses.default_class_weights(utils.NUM_CLASSES).tolist()
     if cfg.class_weights == "inverse":
-        counts = sum(np.bincount(label.ravel(), minlength=utils.NUM_CLASSES) for label in train_cases.labels)
-        return losses.inverse_frequency_weights(counts).tolist()
+        return losses.inverse_frequency_weights(sum(train_cases.class_counts)).tolist()
     try:
         weights = [float(w) for w in cfg.class_weights.split(",")]
     except ValueError:
@@ -230,8 +217,9 @@ def build_run(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
     if cfg.compile:
         net = torch.compile(net)
     amp_dtype = utils.amp_dtype_for(device, cfg.amp)
+    # The fused kernel steps all parameters at once (measured 4.7 ms vs 12-25 ms per step on the 2D default).
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr * lr_factor(0, cfg.scheduler),
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
     loss_fn = losses.make_loss(cfg.loss, utils.NUM_CLASSES, class_weights(cfg, train_cases))
     if cfg.deep_supervision:
         loss_fn = losses.DeepSupervisionLoss(loss_fn)
@@ -315,22 +303,10 @@ def stop_reason(run: Run) -> str:
 @torch.no_grad()
 def evaluate(run: Run) -> dict:
     """Hard Dice per validation case and class (2D: slices stacked into the case's volume) and the val loss."""
-    run.model.eval()
-    dice_rows, loss_sum = [], 0.0
-    cases = run.val_cases
-    for index in tqdm(range(len(cases.keys)), desc="validate", unit="case", leave=False, disable=None):
-        patch_size = run.cfg.patch_size if run.cfg.dims == 3 else None
-        probs = inference.predict_case(run.model, cases.images[index], run.cfg.dims, patch_size=patch_size,
-                                       device=run.device, amp_dtype=run.amp_dtype, batch_size=2 * run.cfg.batch_size)
-        label = torch.from_numpy(np.asarray(cases.labels[index], dtype=np.int64)).to(probs.device)
-        # softmax(log p) == p, so the training loss applies to probabilities through their log.
-        loss_fn = run.loss_fn.loss if run.cfg.deep_supervision else run.loss_fn
-        loss_sum += loss_fn(torch.log(probs.clamp_min(1e-8))[None], label[None]).item()
-        dice_rows.append(metrics.dice_per_class(probs.argmax(0).cpu().numpy(), cases.labels[index]))
-    summary = metrics.summarise(np.array(dice_rows), utils.CLASS_NAMES)
-    row = {"val_loss": loss_sum / len(cases.keys), "dice_mean_fg": summary["mean_foreground"]}
-    row.update({f"dice_{name}": summary["mean"][name] for name in utils.CLASS_NAMES[1:]})
-    return row
+    loss_fn = run.loss_fn.loss if run.cfg.deep_supervision else run.loss_fn
+    return inference.validate_cases(run.model, run.val_cases.images, run.val_cases.labels, run.cfg.dims, loss_fn,
+                                    progress=True, patch_size=run.cfg.patch_size if run.cfg.dims == 3 else None,
+                                    device=run.device, amp_dtype=run.amp_dtype, batch_size=2 * run.cfg.batch_size)
 
 
 # ---------------------------------------------------------------- checkpoints and outputs
@@ -366,36 +342,13 @@ def restore(run: Run, path: Path) -> None:
              run.counters["epoch"], run.counters["step"], run.counters["best_dice"], run.counters["best_epoch"])
 
 
-METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", *(f"dice_{name}" for name in utils.CLASS_NAMES[1:]),
-                  "dice_mean_fg", "lr", "seconds", "data_wait", "samples_per_s"]
-
-
-def write_outputs(run: Run) -> None:
-    """metrics.csv and progress.png, rewritten atomically after every epoch."""
-    out = Path(run.cfg.out)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(run.counters["history"])
-    utils.atomic_write_text(out / "metrics.csv", buffer.getvalue())
-    utils.plot_progress(run.counters["history"], out / "progress.png")
-
-
-def log_epoch(row: dict) -> None:
-    dice = " ".join(f"{name}={row[f'dice_{name}']:.3f}" for name in utils.CLASS_NAMES[1:])
-    validated = f"val_loss={row['val_loss']:.4f} dice[{dice}] mean_fg={row['dice_mean_fg']:.4f} " \
-        if math.isfinite(row["dice_mean_fg"]) else ""
-    log.info("epoch %d  train_loss=%.4f %slr=%.2e  %.0fs  %.1f samples/s  data wait %.1f%%", row["epoch"],
-             row["train_loss"], validated, row["lr"], row["seconds"], row["samples_per_s"], 100 * row["data_wait"])
-
-
 # ---------------------------------------------------------------- main
 
 
 def fit(run: Run) -> str:
     """Epochs until done, out of budget or stopped; returns why it ended."""
     cfg, out = run.cfg, Path(run.cfg.out)
-    nan_row = {key: math.nan for key in METRIC_COLUMNS}
+    nan_row = {key: math.nan for key in utils.METRIC_COLUMNS}
     stop = ""
     while run.counters["epoch"] < cfg.epochs and not stop:
         epoch = run.counters["epoch"] + 1
@@ -418,8 +371,8 @@ def fit(run: Run) -> str:
                 run.counters.update(best_dice=row["dice_mean_fg"], best_epoch=epoch)
                 save_checkpoint(run, out / "best.pt")
             save_checkpoint(run, out / "last.pt")
-            write_outputs(run)
-            log_epoch(row)
+            utils.write_history(run.counters["history"], out)
+            log.info(utils.format_epoch(row))
         barrier(run.ranks)
     return stop or f"{cfg.epochs} epochs done"
 

@@ -26,6 +26,10 @@ CLASS_COLOURS = {1: "#e9c46a", 2: "#f4f1de", 3: "#2a9d8f", 4: "#e76f51", 5: "#d6
 
 log = logging.getLogger("hipmri")
 
+# One row per epoch in RUN/metrics.csv (train.py and tools/peer_recipe.py write the same columns).
+METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", *(f"dice_{name}" for name in CLASS_NAMES[1:]), "dice_mean_fg",
+                  "lr", "seconds", "data_wait", "samples_per_s"]
+
 
 class CheckpointError(Exception):
     """A checkpoint file that cannot be read as one of ours; the message names the file."""
@@ -190,6 +194,38 @@ def setup_logging(verbose: bool = False, rank: int = 0, log_file: str | os.PathL
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
+# ---------------------------------------------------------------- run history
+
+
+def write_history(history: Sequence[dict[str, Any]], out: str | os.PathLike) -> None:
+    """RUN/metrics.csv (METRIC_COLUMNS) and RUN/progress.png, rewritten atomically after every epoch."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(Path(out) / "metrics.csv", buffer.getvalue())
+    plot_progress(history, Path(out) / "progress.png")
+
+
+def format_epoch(row: dict[str, Any]) -> str:
+    """The one log line per epoch: losses, per-class validation Dice (when validated), lr, time, throughput."""
+    validated = ""
+    if np.isfinite(row.get("dice_mean_fg", np.nan)):
+        dice = " ".join(f"{name}={row[f'dice_{name}']:.3f}" for name in CLASS_NAMES[1:])
+        validated = f"val_loss={row['val_loss']:.4f} dice[{dice}] mean_fg={row['dice_mean_fg']:.4f} "
+    return (f"epoch {row['epoch']}  train_loss={row['train_loss']:.4f} {validated}lr={row['lr']:.2e}  "
+            f"{row['seconds']:.0f}s  {row['samples_per_s']:.1f} samples/s  data wait {100 * row['data_wait']:.1f}%")
+
+
+def best_epoch_row(history: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first epoch with the highest mean foreground validation Dice: the one saved as best.pt."""
+    validated = [row for row in history if np.isfinite(float(row.get("dice_mean_fg", np.nan)))]
+    return max(validated, key=lambda row: float(row["dice_mean_fg"])) if validated else None
+
+
 # ---------------------------------------------------------------- plots
 
 
@@ -206,14 +242,14 @@ def plot_progress(history: Sequence[dict[str, Any]], path: str | os.PathLike) ->
 
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_dice, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
-    ax_loss.plot(epochs, [row["train_loss"] for row in history], label="train", color="#264653")
+    ax_loss.plot(epochs, [row["train_loss"] for row in history], "o-", ms=3, label="train", color="#264653")
     val = [(row["epoch"], row["val_loss"]) for row in history if np.isfinite(row.get("val_loss", np.nan))]
     if val:
         ax_loss.plot(*zip(*val), "o-", label="validation", color="#e76f51", ms=3)
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="loss")
     ax_loss.legend()
     _plot_dice_panel(ax_dice, history)
-    ax_lr.plot(epochs, [row["lr"] for row in history], color="#2a9d8f")
+    ax_lr.plot(epochs, [row["lr"] for row in history], "o-", ms=3, color="#2a9d8f")
     ax_lr.set(title="Learning rate (end of epoch)", xlabel="epoch", ylabel="lr")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     from matplotlib.ticker import MaxNLocator

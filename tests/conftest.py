@@ -34,3 +34,15 @@ def phantom_3d_small_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom") / "phantom_3d_small"
     phantom.write_dataset(out, layout="3d", patients=3, weeks=1, seed=0, workers=1, shape=(64, 64, 32))
     return out
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny test models gain nothing from threads, and on a loaded 2-core machine OpenMP's waits made the
+    model tests ~10x slower; subprocess tests set OMP_NUM_THREADS=1 themselves."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

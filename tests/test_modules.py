@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import modules
+import utils
 
 TINY = (4, 8, 16)
 
@@ -91,7 +92,7 @@ def test_channels_last_matches_contiguous(spatial_dims, shape):
     x = torch.randn(shape)
     with torch.no_grad():
         expected = model(x)
-        memory_format = modules.channels_last_format(spatial_dims)
+        memory_format = utils.channels_last_format(spatial_dims)
         model = model.to(memory_format=memory_format)
         out = model(x.contiguous(memory_format=memory_format))
     assert out.shape == expected.shape
@@ -104,7 +105,7 @@ def test_bf16_autocast_runs_forward_and_backward(spatial_dims, shape, channels_l
     model = modules.UNet(spatial_dims, features=TINY)
     x = torch.randn(shape)
     if channels_last:
-        memory_format = modules.channels_last_format(spatial_dims)
+        memory_format = utils.channels_last_format(spatial_dims)
         model, x = model.to(memory_format=memory_format), x.contiguous(memory_format=memory_format)
     model.eval()
     with torch.no_grad():

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import utils
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--features", "4", "8", "8", "8", "8", "4", "--threads", "1", "--seed", "1"]
 
@@ -39,7 +41,7 @@ def test_smoke_run_writes_train_py_columns_and_summary(peer_recipe, peer_run):
     for name in ("metrics.csv", "summary.json", "progress.png", "peer.log"):
         assert (peer_run / name).is_file(), name
     rows = read_rows(peer_run)
-    assert list(rows[0]) == peer_recipe.METRIC_COLUMNS
+    assert list(rows[0]) == utils.METRIC_COLUMNS
     assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
     assert all(0 <= float(r["dice_mean_fg"]) <= 1 and math.isfinite(float(r["train_loss"])) for r in rows)
     summary = json.loads((peer_run / "summary.json").read_text())

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import logging
 import math
 import sys
@@ -28,22 +27,17 @@ from pathlib import Path
 # tools/ is not a package: put the repo root on the path so the project's flat modules import.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import dataset  # noqa: E402
 import inference  # noqa: E402
-import metrics  # noqa: E402
 import sampling  # noqa: E402
 import utils  # noqa: E402
 
 log = logging.getLogger("hipmri.peer")
 
 FOREGROUND = utils.CLASS_NAMES[1:]
-# train.py's metrics.csv columns, so one reader (and plot_progress) serves both runs.
-METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", *(f"dice_{name}" for name in FOREGROUND),
-                  "dice_mean_fg", "lr", "seconds", "data_wait", "samples_per_s"]
 PEER_FEATURES = (16, 32, 64, 128, 256, 16)  # BasicUNet's 5 encoder widths (ours: 16..256) + the last decoder's
 PEER_LR = 1e-3
 PEER_BATCH_SIZE = 8
@@ -51,17 +45,6 @@ PROSTATE_MARGIN = 0.05  # the bar: ours beats the peer in every foreground class
 
 
 # ---------------------------------------------------------------- data and model
-
-
-def default_phantom(cache_dir: str | None, seed: int) -> Path:
-    """train.py's default data: the 2D phantom in the cache folder, generated there once if missing."""
-    import phantom
-
-    folder = Path(cache_dir or dataset.default_cache_dir()) / f"phantom-2d-seed{seed}"
-    if not (folder / phantom.COMPLETE_MARKER).exists():
-        log.info("no --data-dir: generating the default 2D phantom in %s (once)", folder)
-        phantom.write_dataset(folder, layout="2d", seed=seed)
-    return folder
 
 
 def load_data(data_dir: Path, cache_dir: str | None, seed: int) -> tuple[dataset.CaseSet, dataset.CaseSet]:
@@ -86,11 +69,18 @@ def make_model(features: tuple[int, ...]) -> torch.nn.Module:
     return BasicUNet(spatial_dims=2, in_channels=1, out_channels=utils.NUM_CLASSES, features=features)
 
 
-def make_loss() -> torch.nn.Module:
-    """DiceCELoss on logits (B, 6, *S) and labels (B, 1, *S)."""
-    from monai.losses import DiceCELoss
+class PeerLoss(torch.nn.Module):
+    """MONAI's DiceCELoss(to_onehot_y=True, softmax=True) on logits (B, 6, *S) and labels (B, *S) int64
+    (MONAI wants a channel axis on the labels; our validation passes them without one)."""
 
-    return DiceCELoss(to_onehot_y=True, softmax=True)
+    def __init__(self):
+        super().__init__()
+        from monai.losses import DiceCELoss
+
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits, labels.unsqueeze(1))
 
 
 # ---------------------------------------------------------------- training and validation
@@ -125,7 +115,7 @@ def train_one_epoch(model: torch.nn.Module, loader: torch.utils.data.DataLoader,
         if batch is None:
             break
         image, label = batch
-        loss = loss_fn(model(image), label.unsqueeze(1))
+        loss = loss_fn(model(image), label)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -141,26 +131,15 @@ def train_one_epoch(model: torch.nn.Module, loader: torch.utils.data.DataLoader,
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, cases: dataset.CaseSet, loss_fn: torch.nn.Module) -> dict:
-    """Our metric, as train.py computes it: hard Dice per validation case and class on the case's stacked
-    slices, averaged over cases; the loss on the stacked volume's log-probabilities (softmax(log p) == p)."""
-    model.eval()
-    dice_rows, loss_sum = [], 0.0
-    for index in tqdm(range(len(cases.keys)), desc="validate", unit="case", leave=False, disable=None):
-        probs = inference.predict_case(model, cases.images[index], 2, batch_size=2 * PEER_BATCH_SIZE)
-        label = torch.from_numpy(np.asarray(cases.labels[index], dtype=np.int64))
-        loss_sum += loss_fn(torch.log(probs.clamp_min(1e-8))[None], label[None, None]).item()
-        dice_rows.append(metrics.dice_per_class(probs.argmax(0).numpy(), np.asarray(cases.labels[index])))
-    summary = metrics.summarise(np.array(dice_rows), utils.CLASS_NAMES)
-    row = {"val_loss": loss_sum / len(cases.keys), "dice_mean_fg": summary["mean_foreground"]}
-    row.update({f"dice_{name}": summary["mean"][name] for name in FOREGROUND})
-    return row
+    """Our metric, exactly as train.py computes it (inference.validate_cases)."""
+    return inference.validate_cases(model, cases.images, cases.labels, 2, loss_fn, batch_size=2 * PEER_BATCH_SIZE)
 
 
 def fit(model: torch.nn.Module, loader: torch.utils.data.DataLoader, val_cases: dataset.CaseSet,
         args: argparse.Namespace) -> tuple[list[dict], dict]:
     """Epochs until the budget (or --max-epochs) is spent, validating after each; the history and totals."""
     optimizer = torch.optim.Adam(model.parameters(), lr=PEER_LR)
-    loss_fn = make_loss()
+    loss_fn = PeerLoss()
     history, totals = [], {"steps": 0, "samples": 0, "train_seconds": 0.0}
     budget = Budget(args.max_minutes)
     while not budget.spent() and (args.max_epochs is None or len(history) < args.max_epochs):
@@ -171,8 +150,8 @@ def fit(model: torch.nn.Module, loader: torch.utils.data.DataLoader, val_cases: 
         row = {"epoch": epoch, **result, **evaluate(model, val_cases, loss_fn), "lr": PEER_LR,
                "seconds": time.perf_counter() - started}
         history.append(row)
-        write_outputs(history, Path(args.out))
-        log_epoch(row)
+        utils.write_history(history, args.out)
+        log.info(utils.format_epoch(row))
     totals["minutes"] = budget.elapsed / 60
     return history, totals
 
@@ -180,29 +159,12 @@ def fit(model: torch.nn.Module, loader: torch.utils.data.DataLoader, val_cases: 
 # ---------------------------------------------------------------- outputs
 
 
-def write_outputs(history: list[dict], out: Path) -> None:
-    """metrics.csv (train.py's columns) and progress.png, rewritten atomically after every epoch."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(history)
-    utils.atomic_write_text(out / "metrics.csv", buffer.getvalue())
-    utils.plot_progress(history, out / "progress.png")
-
-
-def log_epoch(row: dict) -> None:
-    dice = " ".join(f"{name}={row[f'dice_{name}']:.3f}" for name in FOREGROUND)
-    log.info("epoch %d  train_loss=%.4f val_loss=%.4f dice[%s] mean_fg=%.4f  %.0fs  %.1f samples/s  data wait %.1f%%",
-             row["epoch"], row["train_loss"], row["val_loss"], dice, row["dice_mean_fg"], row["seconds"],
-             row["samples_per_s"], 100 * row["data_wait"])
-
-
 def best_row(rows: list[dict]) -> dict:
-    """The first epoch with the highest finite mean foreground Dice: the epoch train.py saves as best.pt."""
-    validated = [row for row in rows if math.isfinite(float(row["dice_mean_fg"]))]
-    if not validated:
+    """The epoch train.py saves as best.pt (utils.best_epoch_row); an error if no epoch was validated."""
+    best = utils.best_epoch_row(rows)
+    if best is None:
         raise SystemExit("no validated epoch (dice_mean_fg is NaN in every row): train for longer")
-    return max(validated, key=lambda row: float(row["dice_mean_fg"]))  # max keeps the first of equal values
+    return best
 
 
 def per_class(row: dict) -> dict[str, float]:
@@ -291,7 +253,7 @@ def run_peer(args: argparse.Namespace) -> int:
     utils.setup_logging(log_file=out / "peer.log")
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.data_dir = args.data_dir or default_phantom(args.cache_dir, args.seed)
+    args.data_dir = args.data_dir or dataset.default_phantom(args.cache_dir, "2d", args.seed)
     utils.seed_everything(args.seed)
     train_cases, val_cases = load_data(Path(args.data_dir), args.cache_dir, args.seed)
     loader = make_loader(train_cases, args.seed)
