@@ -30,6 +30,7 @@ from modules import UNet
 
 log = logging.getLogger("hipmri.train")
 
+
 def resolve_config(cfg: TrainConfig, overrides: dict) -> TrainConfig:
     """Fill what depends on the data: data_dir (phantom), dims, batch size; or restore a resumed run's config."""
     run = Path(cfg.out)
@@ -355,8 +356,8 @@ def fit(run: Run) -> str:
         started = time.perf_counter()
         result = train_one_epoch(run, epoch)
         stop = result.pop("stop")
-        if stop.startswith(f"{run.counters['bad_steps']} non-finite"):
-            return stop  # keep last.pt/best.pt from the last good epoch
+        if run.counters["bad_steps"] >= cfg.max_bad_steps:
+            return stop  # no checkpoint of this epoch: last.pt and best.pt keep the last good weights
         ending = bool(stop) or epoch == cfg.epochs
         row = {**nan_row, **result, "epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"]}
         if run.ranks.is_main and (epoch % cfg.val_every == 0 or ending):
@@ -418,7 +419,10 @@ def main(argv: list[str] | None = None) -> int:
         if ranks.is_main:
             log.info("stopped: %s. Best mean foreground validation Dice %.4f at epoch %d. Outputs in %s", reason,
                      run.counters["best_dice"], run.counters["best_epoch"], out)
-        return 1 if "non-finite" in reason else 0
+        return 1 if run.counters["bad_steps"] >= cfg.max_bad_steps else 0
+    except (dataset.DataError, utils.CheckpointError) as exc:
+        log.error("%s", exc)
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -157,3 +157,12 @@ def test_torchrun_two_cpu_processes(phantom_2d_dir, tmp_path):
     assert "weights identical on 2 ranks" in result.stderr
     rows = read_metrics(run)
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+def test_bad_data_or_missing_run_exit_2_with_a_message(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert train.main(["--data-dir", str(empty), "--out", str(tmp_path / "run")]) == 2
+    assert str(empty) in capsys.readouterr().err
+    assert train.main(["--out", str(tmp_path / "never-trained"), "--resume"]) == 2
+    assert "no such checkpoint file" in capsys.readouterr().err
