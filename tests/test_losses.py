@@ -11,13 +11,8 @@ C = 6
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    # Tiny tensors: one thread is fastest and avoids OpenMP stalls on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seed():
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_target(shape, num_classes=C):

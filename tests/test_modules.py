@@ -13,14 +13,8 @@ TINY = (4, 8, 16)
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    # Tiny tensors: one thread is fastest, and on a shared, busy machine two OpenMP threads wait
-    # ~20 ms per parallel region for each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seed():
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(
