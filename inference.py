@@ -164,7 +164,7 @@ def _progress(items: Iterable, enabled: bool, desc: str) -> Iterable:
         return items
     from tqdm.auto import tqdm  # only needed for the bar; keeps the core importable with torch alone
 
-    return tqdm(items, desc=desc, leave=False)
+    return tqdm(items, desc=desc, leave=False, disable=None)  # None: no bar when the output is not a terminal
 
 
 def _check_patch(patch_size: Sequence[int], spatial_dims: int) -> tuple[int, ...]:
@@ -349,8 +349,7 @@ def validate_cases(model: nn.Module, images: Sequence[np.ndarray], labels: Seque
     """
     model.eval()
     dice_rows, loss_sum = [], 0.0
-    cases = zip(images, labels)
-    for image, label in _progress(cases, progress, "validate") if progress else cases:
+    for image, label in _progress(list(zip(images, labels)), progress, "validate"):
         probs = predict_case(model, image, spatial_dims, **predict_options)
         if loss_fn is not None:
             target = torch.from_numpy(np.asarray(label, dtype=np.int64)).to(probs.device)
