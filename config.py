@@ -18,6 +18,10 @@ RESUME_MAY_CHANGE = {"epochs", "max_minutes", "resume", "device", "workers", "ca
                      "max_bad_steps"}
 
 
+CHOICES = {"dims": (2, 3), "scheduler": ("onecycle", "cosine", "poly"), "loss": ("dice", "ce", "dicece"),
+           "norm": ("batch", "instance")}
+
+
 @dataclass
 class TrainConfig:
     data_dir: str | None = None  # HipMRI root (2D or 3D layout); None trains on a phantom generated once into the cache
@@ -70,11 +74,11 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif isinstance(default, tuple):
-            parser.add_argument(flag, type=int, nargs="+", help=help_text)
+            parser.add_argument(flag, type=int, nargs="+", metavar="N", help=help_text)
         else:
             kind = {"dims": int, "epochs": int, "batch_size": int, "steps_per_epoch": int, "workers": int,
                     "max_minutes": float}.get(f.name, type(default) if default is not None else str)
-            parser.add_argument(flag, type=kind, help=help_text)
+            parser.add_argument(flag, type=kind, choices=CHOICES.get(f.name), help=help_text)
     return parser
 
 
