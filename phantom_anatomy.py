@@ -2,10 +2,16 @@
 
 Geometry: every volume is a coronal-style acquisition stored as (x, y, z) = (right->left, inferior->superior,
 posterior->anterior), 256 x 256 x 128 voxels of 1.5625 x 1.5625 x 2.5 mm (a 400 x 400 x 320 mm field of view);
-the affine maps it to RAS+ world mm (axis codes L, S, A). Anatomy is built from analytic shapes (ellipsoids,
-capsules, swept ellipses) whose signed depth in mm gives both the label (depth > 0) and a partial-volume blend
-at the boundary; then a smooth multiplicative bias field and Rician noise are applied. Intensities are T2-like
-raw units (fat ~800, urine ~1350, muscle ~300). phantom.py writes these volumes in the real study's layouts.
+the affine maps it to RAS+ world mm (axis codes L, S, A). Anatomy is built from analytic shapes (phantom_shapes.py)
+whose signed depth in mm gives both the label (depth > 0) and a partial-volume blend at the boundary; then a smooth
+multiplicative bias field and Rician noise are applied. Intensities are T2-like raw units (fat ~800, urine ~1350,
+muscle ~300). phantom.py writes these volumes in the real study's layouts.
+
+The prostate is meant to stay hard: a tilted, tapered, lobulated gland (per-patient shape, pushed and indented by
+the rectum from week to week) whose mottled transition zone and brighter peripheral zone overlap in intensity with
+what surrounds it: periprostatic tissue with the same texture, a bright venous plexus, the levator ani, the bladder
+neck, the urethral sphincter below the apex and the seminal vesicles above the base (all labelled body or bladder).
+Its capsule shows on part of the surface only.
 """
 
 from __future__ import annotations
@@ -13,13 +19,37 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+
+from phantom_shapes import Canvas, Frame, capsule_depth, ellipsoid_depth, local_axes, noise_field, rotation, swept_depth
 
 VOLUME_SHAPE = (256, 256, 128)
 FIELD_OF_VIEW = (400.0, 400.0, 320.0)  # mm along x, y, z of a 256x256x128 volume: 1.5625 x 1.5625 x 2.5 mm voxels
 BACKGROUND, BODY, BONE, BLADDER, RECTUM, PROSTATE = range(6)
 # T2-weighted tissue means in raw MR units (before gain, bias and noise).
-FAT, MUSCLE, URINE, WALL, MARROW, CORTEX, GAS, VESICLE = 800.0, 300.0, 1350.0, 310.0, 650.0, 60.0, 10.0, 880.0
+FAT, MUSCLE, URINE, WALL, MARROW, CORTEX, GAS = 800.0, 300.0, 1350.0, 310.0, 650.0, 60.0, 10.0
+
+
+@dataclass(frozen=True)
+class Gland:
+    """Per-patient prostate shape (mm, degrees) and appearance (intensities as factors of the transition zone's)."""
+
+    radii: tuple[float, float, float]  # half-axes: left-right, along the long axis (apex -> base), antero-posterior
+    tilt: tuple[float, float, float]  # rotation (degrees) about x (long axis leans back towards the base), y, z
+    taper: float  # the base is 1 + taper times wider than the middle, the apex 1 - taper
+    asym: float  # left lobe (1 + asym) against right lobe (1 - asym)
+    flat: float  # the posterior half is flatter by this factor
+    harmonics: tuple[float, ...]  # mm: low-order bumps and dents of the surface
+    median_lobe: float  # radius (mm) of a median lobe bulging into the bladder base, 0 for none
+    t2: float  # transition zone mean
+    pz: float  # peripheral zone / t2 (brighter)
+    pz_mm: float  # peripheral zone thickness
+    envelope: float  # periprostatic tissue / t2 (close to 1: a faint boundary)
+    envelope_mm: float  # its mean thickness
+    capsule: float  # noise level above which the dark capsule shows (higher: less of it)
+    vesicle: float  # seminal vesicle fluid / t2
+    vesicle_mm: float  # seminal vesicle half-length
+    levator_mm: float  # gap between the gland's side and the levator ani
+    neck_mm: float  # extra bladder-wall thickness at the bladder neck
 
 
 @dataclass(frozen=True)
@@ -34,167 +64,34 @@ class PatientAnatomy:
     hip: float  # femoral head centre distance from the midline
     head_radius: float
     pelvis_scale: float
-    prostate_radii: tuple[float, float, float]
+    gland: Gland
     bladder_radii: tuple[float, float, float]
     bladder_fill: float  # typical filling (volume factor)
     rectum_radius: float
-    prostate_t2: float  # transition-zone intensity; the shell around the prostate is close to it
-    shell_t2: float
     gain: float
     lump_seed: int
+
+
+def _make_gland(u) -> Gland:
+    """Sizes from ~20 to ~80 ml; `u(lo, hi)` draws a uniform float."""
+    width = u(24, 33)
+    t2 = u(330, 420)
+    return Gland(
+        radii=(width, width * u(0.72, 1.02), width * u(0.6, 0.82)), tilt=(-u(5, 35), u(-8, 8), u(-8, 8)),
+        taper=u(0.08, 0.3), asym=u(-0.12, 0.12), flat=u(1.1, 1.45), harmonics=tuple(u(-2.5, 2.5) for _ in range(7)),
+        median_lobe=max(0.0, u(-12, 12)), t2=t2, pz=u(1.25, 1.75), pz_mm=u(4, 11), envelope=u(0.95, 1.12),
+        envelope_mm=u(1, 8), capsule=u(-0.4, 0.8), vesicle=u(1.2, 1.8), vesicle_mm=u(11, 18), levator_mm=u(1, 7),
+        neck_mm=u(3, 7))
 
 
 def make_patient(rng: np.random.Generator) -> PatientAnatomy:
     """Draw one patient's anatomy; all values are plain floats (keeps the volume maths in float32)."""
     u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
-    prostate_t2 = u(420, 500)
     return PatientAnatomy(
         position=(u(-5, 5), u(-18, -6), u(4, 16)), body_radii=(u(158, 182), u(100, 118)), body_z=u(-12, -4),
         waist=u(0.82, 0.95), fat=u(10, 32), hip=u(84, 96), head_radius=u(21, 25), pelvis_scale=u(0.94, 1.06),
-        prostate_radii=(u(25, 32), u(20, 28), u(16, 22)), bladder_radii=(u(40, 50), u(28, 36), u(30, 38)),
-        bladder_fill=u(0.6, 1.2), rectum_radius=u(12, 16), prostate_t2=prostate_t2,
-        shell_t2=prostate_t2 * u(0.98, 1.15), gain=u(0.85, 1.15), lump_seed=int(rng.integers(2**31)))
-
-
-# ---------------------------------------------------------------- coordinates and primitives
-
-
-class Frame:
-    """Deformed anatomical coordinates (X, Y, Z) in mm for the voxels of a window ((start, stop) per axis)
-    of a volume. Anatomical = pitch rotation of (volume mm - prostate position) + a smooth displacement."""
-
-    def __init__(self, shape, spacing, window, position, pitch, disp, dmax):
-        self.axes = [((np.arange(n, dtype=np.float32) - (n - 1) / 2) * s)[a:b]
-                     for n, s, (a, b) in zip(shape, spacing, window)]
-        self.position, self.c, self.s, self.dmax = np.asarray(position), np.cos(pitch), np.sin(pitch), dmax
-        x, y, z = (a - p for a, p in zip(self.axes, position))
-        # Undisplaced anatomical x (nx, 1, 1) and rotated y, z (1, ny, nz): cheap stand-ins for slowly varying profiles.
-        self.Xr = x[:, None, None]
-        self.Yr = (self.c * y[:, None] - self.s * z[None, :])[None].astype(np.float32)
-        self.Zr = (self.s * y[:, None] + self.c * z[None, :])[None].astype(np.float32)
-        dx, dy, dz = _displacement(x, y, z, disp)
-        self.X = self.Xr + dx[None]
-        self.Y = self.Yr + dy[:, None, :]
-        self.Z = self.Zr + dz[:, :, None]
-
-    def box(self, lo, hi) -> tuple[slice, slice, slice] | None:
-        """Voxel index ranges that hold the anatomical box [lo, hi] (mm), or None when it is outside."""
-        corners = np.array(np.meshgrid(*zip(lo, hi), indexing="ij")).reshape(3, -1)
-        vy = self.c * corners[1] + self.s * corners[2]
-        vz = -self.s * corners[1] + self.c * corners[2]
-        vol = np.stack([corners[0], vy, vz]) + self.position[:, None]
-        pad = self.dmax + 3.0
-        box = []
-        for axis, (a, b) in zip(self.axes, zip(vol.min(1) - pad, vol.max(1) + pad)):
-            i, j = np.searchsorted(axis, a), np.searchsorted(axis, b)
-            if i >= j:
-                return None
-            box.append(slice(int(i), int(j)))
-        return tuple(box)
-
-    def at(self, box):
-        return self.X[box], self.Y[box], self.Z[box]
-
-
-def _displacement(x, y, z, disp):
-    """Smooth displacement (mm): each component varies over the two other axes, so it costs 2D arrays only."""
-    (ax, ay, az), (w1, w2), (p1, p2, p3) = disp
-    dx = ax * np.sin(w1 * y[:, None] + p1) * np.cos(w2 * z[None, :] + p2)
-    dy = ay * np.sin(w2 * x[:, None] + p2) * np.cos(w1 * z[None, :] + p3)
-    dz = az * np.sin(w1 * x[:, None] + p3) * np.cos(w2 * y[None, :] + p1)
-    return dx.astype(np.float32), dy.astype(np.float32), dz.astype(np.float32)
-
-
-def ellipsoid_depth(X, Y, Z, centre, radii, rot=None) -> np.ndarray:
-    """Signed depth (mm, > 0 inside) of an ellipsoid; exact for spheres, first-order elsewhere."""
-    centre, radii = [float(c) for c in centre], [float(r) for r in radii]  # python floats keep arrays float32
-    u = [X - centre[0], Y - centre[1], Z - centre[2]]
-    if rot is not None:
-        rot = np.asarray(rot, dtype=float).tolist()
-        u = [rot[i][0] * u[0] + rot[i][1] * u[1] + rot[i][2] * u[2] for i in range(3)]
-    q = sum((ui / r) ** 2 for ui, r in zip(u, radii))
-    g = np.sqrt(sum((ui / r**2) ** 2 for ui, r in zip(u, radii))) + 1e-6
-    sq = np.sqrt(q)
-    return (1 - sq) * sq / g
-
-
-def capsule_depth(X, Y, Z, a, b, ra, rb) -> np.ndarray:
-    """Signed depth (mm) of a tapered capsule from point a (radius ra) to point b (radius rb)."""
-    a, d = [float(v) for v in a], [float(bi) - float(ai) for ai, bi in zip(a, b)]
-    u = [X - a[0], Y - a[1], Z - a[2]]
-    t = np.clip((u[0] * d[0] + u[1] * d[1] + u[2] * d[2]) / sum(di * di for di in d), 0, 1)
-    dist = np.sqrt(sum((ui - t * di) ** 2 for ui, di in zip(u, d)))
-    return ra + t * (rb - ra) - dist
-
-
-def swept_depth(frame: Frame, box, knots, xc, zc, rx, rz) -> np.ndarray:
-    """Depth of an ellipse swept along y; centre (xc, zc) and half-axes (rx, rz) are piecewise linear in y.
-
-    The ends are closed where the radii reach 0 (depth -100 there, so added texture cannot reopen them).
-    The profiles are read at the undisplaced y (2D, cheap): they vary slowly compared with the displacement.
-    """
-    X, _, Z = frame.at(box)
-    cx, cz, ax, az = (np.interp(frame.Yr[:, box[1], box[2]], knots, v).astype(np.float32) for v in (xc, zc, rx, rz))
-    closed = 200 * (np.minimum(ax, az) - 0.5)
-    ax, az = np.maximum(ax, 0.5), np.maximum(az, 0.5)
-    ux, uz = X - cx, Z - cz
-    sq = np.sqrt((ux / ax) ** 2 + (uz / az) ** 2)
-    g = np.sqrt((ux / ax**2) ** 2 + (uz / az**2) ** 2) + 1e-6
-    return np.minimum((1 - sq) * sq / g, closed)
-
-
-def _rotation(axis: int, deg: float) -> np.ndarray:
-    """3x3 rotation about coordinate axis `axis` (0 x, 1 y, 2 z) by `deg` degrees."""
-    c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
-    i, j = [k for k in range(3) if k != axis]
-    rot = np.eye(3)
-    rot[i, i], rot[i, j], rot[j, i], rot[j, j] = c, s, -s, c
-    return rot
-
-
-def _upsample2(a: np.ndarray) -> np.ndarray:
-    """Linear x2 upsampling along every axis (n -> 2n - 1 samples); much faster than ndimage.zoom."""
-    for axis in range(a.ndim):
-        a = np.moveaxis(a, axis, 0)
-        out = np.empty((2 * len(a) - 1, *a.shape[1:]), a.dtype)
-        out[0::2], out[1::2] = a, 0.5 * (a[:-1] + a[1:])
-        a = np.moveaxis(out, 0, axis)
-    return np.ascontiguousarray(a)
-
-
-def _smooth_noise(rng: np.random.Generator, shape, rows, levels: int = 1, sigma: float = 1.0) -> np.ndarray:
-    """Smooth noise (about unit variance) for rows[0]:rows[1] along y of a volume of `shape`: Gaussian-filtered
-    at 1/2**levels resolution, then linearly upsampled. The rows equal the same rows of the whole volume's field,
-    so a band of slices shows exactly the anatomy of the full volume."""
-    factor = 2**levels
-    field = ndimage.gaussian_filter(rng.standard_normal([n // factor + 2 for n in shape], dtype=np.float32), sigma,
-                                    mode="wrap")
-    first = rows[0] // factor
-    field = (field[:, first:(rows[1] - 1) // factor + 2] - field.mean()) / field.std()
-    for _ in range(levels):
-        field = _upsample2(field)
-    start = rows[0] - first * factor
-    return field[:shape[0], start:start + rows[1] - rows[0], :shape[2]]
-
-
-class Canvas:
-    """The image (float32 T2 units) and label (uint8) being painted, with the texture shared by tissues."""
-
-    def __init__(self, frame: Frame, tex: np.ndarray, coarse: np.ndarray):
-        self.frame, self.tex, self.coarse = frame, tex, coarse
-        self.image = np.zeros(frame.X.shape, np.float32)
-        self.label = np.zeros(frame.X.shape, np.uint8)
-
-    def paint(self, box, depth, value, label=None, soft=1.2, where=None):
-        """Blend `value` in with a partial-volume ramp of width `soft` mm across the surface."""
-        alpha = np.clip(0.5 + depth / soft, 0, 1)
-        inside = depth > 0
-        if where is not None:
-            alpha, inside = alpha * where, inside & where
-        sub = self.image[box]
-        sub += alpha * (value - sub)
-        if label is not None:
-            self.label[box][inside] = label
+        gland=_make_gland(u), bladder_radii=(u(40, 50), u(28, 36), u(30, 38)), bladder_fill=u(0.6, 1.2),
+        rectum_radius=u(12, 16), gain=u(0.85, 1.15), lump_seed=int(rng.integers(2**31)))
 
 
 # ---------------------------------------------------------------- anatomy
@@ -255,7 +152,7 @@ def _bone_primitives(pa: PatientAnatomy) -> list[tuple]:
             ("cap", p(h + 34, 0, -6), p(h + 16, -220, 10), 15, 13),  # femoral shaft
             ("ell", p(h + 16, -32, -14), (9, 10, 9), None),  # lesser trochanter
             ("cap", p(h - 6, 36, -10), p(h + 4, 84, -36), 20, 16),  # iliac body
-            ("ell", p(h + 22, 104, -34), (7, 42, 60), _rotation(1, side * 30) @ _rotation(2, -side * 25)),  # wing
+            ("ell", p(h + 22, 104, -34), (7, 42, 60), rotation(1, side * 30) @ rotation(2, -side * 25)),  # wing
             ("cap", p(h - 20, 14, 20), p(15, 2, 44), 11, 10),  # superior pubic ramus
             ("ell", p(13, -8, 46), (11.5, 21, 12), None),  # pubic body at the symphysis
             ("cap", p(14, -24, 40), p(56, -46, -22), 9, 8),  # inferior pubic and ischial ramus
@@ -341,39 +238,92 @@ class WeekState:
     disp: tuple  # displacement amplitudes (mm), wave numbers (1/mm), phases
     bias: tuple[float, ...]  # log-bias gradients along x, y, z, brightening towards the edges, fall-off along y
     bladder: float  # volume factor
-    rectum: float  # radius factor
+    rectum: float  # radius factor; a fuller rectum pushes the gland forwards and presses into its back
     gas: tuple[float, float] | None  # (centre y, half-length) of a gas pocket in the rectum, mm
     prostate_shift: tuple[float, float, float]
     prostate_scale: float
+    tilt: float  # degrees added to the gland's sagittal tilt
+    gap: float  # mm of fascia between the rectal wall and the gland
     gain: float
     noise: float  # Rician sigma in raw units
 
 
 def _draw_week(pa: PatientAnatomy, week: int, rng: np.random.Generator) -> WeekState:
     """A fixed number of draws whatever the outcome, so every later draw is reproducible."""
-    n, u = rng.normal(size=14), rng.uniform(size=14)
+    n, u = rng.normal(size=16), rng.uniform(size=16)
     return WeekState(
         position=tuple(float(p + 2.5 * d) for p, d in zip(pa.position, n[:3])), pitch=float(np.radians(1.5) * n[3]),
         disp=(tuple(1.0 + 2.0 * u[:3]), tuple(2 * np.pi / (120 + 130 * u[3:5])), tuple(2 * np.pi * u[5:8])),
         bias=tuple(float(v) for v in (*(0.12 * n[11:14]), 0.2 + 0.25 * u[12], 0.1 + 0.2 * u[13])),
-        bladder=float(np.clip(pa.bladder_fill * np.exp(0.35 * n[4]), 0.35, 1.8)), rectum=float(0.85 + 0.45 * u[8]),
+        bladder=float(np.clip(pa.bladder_fill * np.exp(0.35 * n[4]), 0.35, 1.8)), rectum=float(0.8 + 0.55 * u[8]),
         gas=(float(-5 + 65 * u[9]), float(8 + 17 * u[10])) if u[11] < 0.5 else None,
         prostate_shift=tuple(float(v) for v in 1.5 * n[5:8]), prostate_scale=float(1 - 0.01 * week * abs(n[8])),
-        gain=float(pa.gain * (1 + 0.05 * n[9])), noise=float(15 + 2 * n[10]))
+        tilt=float(3 * n[14]), gap=float(0.3 + 2.5 * u[14]), gain=float(pa.gain * (1 + 0.05 * n[9])),
+        noise=float(15 + 2 * n[10]))
+
+
+def _gland_pose(pa: PatientAnatomy, ws: WeekState) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """This week's gland: centre (3,) mm, rotation (3, 3) from frame to gland axes (left-right, apex -> base,
+    back -> front), radii (mm). A fuller rectum pushes it forwards and up."""
+    g = pa.gland
+    push = 0.3 * (ws.rectum - 1) * pa.rectum_radius
+    centre = np.add(ws.prostate_shift, (0.0, 0.4 * push, push))
+    rot = rotation(0, g.tilt[0] + ws.tilt) @ rotation(1, g.tilt[1]) @ rotation(2, g.tilt[2])
+    return centre, rot, tuple(r * ws.prostate_scale for r in g.radii)
+
+
+def _from_gland(pose, point) -> tuple[float, float, float]:
+    """A point in gland axes (mm) -> frame coordinates (mm)."""
+    return tuple(float(v) for v in pose[0] + pose[1].T @ np.asarray(point, dtype=float))
+
+
+def _gland_box(frame: Frame, pose, margin: float):
+    """Voxel box holding the gland (whatever its tilt, taper and bumps) and `margin` mm around it, or None."""
+    ext = 1.35 * max(pose[2]) + margin
+    return frame.box(np.subtract(pose[0], ext), np.add(pose[0], ext))
+
+
+def _gland_depth(lx, ly, lz, g: Gland, radii, tex):
+    """Signed depth (mm) of the gland from gland-axis coordinates, with its normalised height uy (-1 apex .. 1 base)
+    and antero-posterior position nz (-1 back .. 1 front). Ellipsoid tapering to the apex, flattened at the back,
+    lobes of unequal size, low-order bumps and dents, small irregularities from the texture; maybe a median lobe."""
+    rx, ry, rz = radii
+    uy = np.clip(ly / ry, -1, 1)
+    sx = rx * (1 + g.taper * uy) * np.where(lx > 0, np.float32(1 + g.asym), np.float32(1 - g.asym))
+    sz = rz * (1 + 0.5 * g.taper * uy) / np.where(lz < 0, np.float32(g.flat), np.float32(1))
+    nx, ny, nz = lx / sx, ly / ry, lz / sz
+    q = np.sqrt(nx**2 + ny**2 + nz**2) + 1e-6
+    depth = (1 - q) * q / (np.sqrt((nx / sx) ** 2 + (ny / ry) ** 2 + (nz / sz) ** 2) + 1e-6)
+    ex, ey, ez, h = nx / q, ny / q, nz / q, g.harmonics
+    depth += (h[0] * ex * ey + h[1] * ey * ez + h[2] * ex * ez + h[3] * (ex * ex - ez * ez) + h[4] * (ey * ey - 0.33)
+              + 3 * h[5] * ex * ey * ez + h[6] * ez * (ex * ex - ey * ey) + 0.7 * tex)
+    if g.median_lobe > 0:  # benign hyperplasia of the middle lobe, bulging up into the bladder
+        m = g.median_lobe
+        depth = np.maximum(depth, ellipsoid_depth(lx, ly, lz, (0, 0.85 * ry, 0.1 * rz), (1.1 * m, m, m)))
+    return depth, uy, nz
+
+
+def _rectum_shape(pa: PatientAnatomy, ws: WeekState, pose) -> tuple[list, ...]:
+    """(knots, xc, zc, rx, rz) of the rectum for swept_depth: it follows the sacrum, its front wall `ws.gap` mm
+    behind the gland's back, and a fuller rectum presses a few mm into the gland (which is cut back to make room)."""
+    r = pa.rectum_radius * ws.rectum
+    press = 1 + 5 * (ws.rectum - 0.8) / 0.55
+    z0 = float(pose[0][2]) - (pose[2][2] / pa.gland.flat + ws.gap + 0.85 * r) + press
+    knots, xc = [-80, -62, -32, 0, 40, 80, 108, 112], [0, 0, 0, 0, 3, -3, 0, 0]
+    zc = [-70, -62, -42, z0, z0 - 8, -40, -32, -32]
+    rx, rz = [0, 5, 9, 1.25 * r, 1.4 * r, 1.15 * r, 0.9 * r, 0], [0, 4, 7, 0.85 * r, r, 0.9 * r, 0.75 * r, 0]
+    return knots, xc, zc, rx, rz
 
 
 def _paint_rectum(cv: Canvas, pa: PatientAnatomy, ws: WeekState) -> None:
     """Rectum behind the prostate, following the sacrum: intermediate wall, mottled faeces, sometimes gas."""
-    r, p_ap = pa.rectum_radius * ws.rectum, pa.prostate_radii[2] * ws.prostate_scale
-    z0 = ws.prostate_shift[2] - (0.8 * p_ap + 2.5 + 0.85 * r)
-    knots, xc = [-80, -62, -32, 0, 40, 80, 108, 112], [0, 0, 0, 0, 3, -3, 0, 0]
-    zc = [-70, -62, -42, z0, z0 - 8, -40, -32, -32]
-    rx, rz = [0, 5, 9, 1.25 * r, 1.4 * r, 1.15 * r, 0.9 * r, 0], [0, 4, 7, 0.85 * r, r, 0.9 * r, 0.75 * r, 0]
-    box = cv.frame.box((-2 * r, -82, -75), (2 * r, 114, z0 + r + 4))
+    knots, xc, zc, rx, rz = shape = _rectum_shape(pa, ws, _gland_pose(pa, ws))
+    r = pa.rectum_radius * ws.rectum
+    box = cv.frame.box((-2 * r, -82, -75), (2 * r, 114, zc[3] + r + 4))
     if box is None:
         return
     X, Y, Z = cv.frame.at(box)
-    depth, tex = swept_depth(cv.frame, box, knots, xc, zc, rx, rz), cv.tex[box]
+    depth, tex = swept_depth(cv.frame, box, *shape), cv.tex[box]
     content = 420 * (1 + 0.3 * tex)
     cv.paint(box, depth, content + (WALL * (1 + 0.08 * tex) - content) * np.clip((3.2 - depth) / 1.2, 0, 1), RECTUM)
     if ws.gas is not None:  # the patient lies supine: gas rises to the anterior side of the lumen
@@ -384,47 +334,111 @@ def _paint_rectum(cv: Canvas, pa: PatientAnatomy, ws: WeekState) -> None:
 
 
 def _paint_bladder(cv: Canvas, pa: PatientAnatomy, ws: WeekState) -> None:
-    """Urine-filled bladder above the prostate; it grows upwards and forwards as it fills. Thin dark wall."""
+    """Urine-filled bladder resting on the gland's base; it grows upwards and forwards as it fills. Thin dark wall,
+    thicker at the bladder neck, where it has about the gland's intensity."""
+    pose = _gland_pose(pa, ws)
+    ry, t2 = pose[2][1], pa.gland.t2
+    neck = _from_gland(pose, (0, ry, 0))
     radii = tuple(r * ws.bladder ** (1 / 3) for r in pa.bladder_radii)
-    centre = (0, 0.75 * pa.prostate_radii[1] + 0.85 * radii[1], 4 + 0.3 * radii[2])
+    centre = (neck[0], neck[1] - 0.25 * ry + 0.85 * radii[1], 0.5 * (neck[2] + pose[0][2]) + 4 + 0.3 * radii[2])
     box = cv.frame.box(np.subtract(centre, radii) - 3, np.add(centre, radii) + 3)
     if box is None:
         return
-    depth = ellipsoid_depth(*cv.frame.at(box), centre, radii) + 1.5 * cv.tex[box]
-    urine = URINE * (1 + 0.02 * cv.tex[box])
-    cv.paint(box, depth, urine + (WALL - urine) * np.clip((3.0 - depth) / 1.0, 0, 1), BLADDER)
+    (X, Y, Z), tex = cv.frame.at(box), cv.tex[box]
+    depth = ellipsoid_depth(X, Y, Z, centre, radii) + 1.5 * tex
+    near = np.exp(((X - neck[0]) ** 2 + (Y - neck[1]) ** 2 + (Z - neck[2]) ** 2) / np.float32(-2 * 15.0**2))
+    wall = WALL + (0.95 * t2 * (1 + 0.08 * tex) - WALL) * near
+    urine = URINE * (1 + 0.02 * tex)
+    cv.paint(box, depth, urine + (wall - urine) * np.clip((3.0 + pa.gland.neck_mm * near - depth), 0, 1), BLADDER)
 
 
 def _paint_vesicles(cv: Canvas, pa: PatientAnatomy, ws: WeekState) -> None:
-    """Seminal vesicles: bright fluid-filled lobes behind the bladder base (label body)."""
-    _, p_si, p_ap = pa.prostate_radii
+    """Seminal vesicles (label body): coiled fluid-filled lobes above and behind the gland's base, running up and
+    out from the midline where they meet the gland; about as bright as the peripheral zone."""
+    pose = _gland_pose(pa, ws)
+    g, (rx, ry, rz) = pa.gland, pose[2]
     for side in (-1, 1):
-        centre = (side * 17, p_si + 3, -0.8 * p_ap - 3)
-        box = cv.frame.box(np.subtract(centre, 18), np.add(centre, 18))
+        centre = _from_gland(pose, (side * (0.25 * rx + 0.7 * g.vesicle_mm), ry + 3, -0.55 * rz))
+        box = cv.frame.box(np.subtract(centre, g.vesicle_mm + 4), np.add(centre, g.vesicle_mm + 4))
         if box is None:
             continue
-        depth = ellipsoid_depth(*cv.frame.at(box), centre, (15, 6, 6), _rotation(2, side * 25)) + cv.tex[box]
-        cv.paint(box, depth, VESICLE * (1 + 0.1 * cv.tex[box]), soft=2.0)
+        tex, rot = cv.tex[box], rotation(2, side * 28) @ pose[1]
+        depth = ellipsoid_depth(*cv.frame.at(box), centre, (g.vesicle_mm, 6.5, 5.5), rot) + 1.2 * tex
+        coils = np.sin(3.0 * tex + 2.0 * cv.mid[box])  # fluid in the coils, darker walls between them
+        cv.paint(box, depth, g.t2 * g.vesicle * (1 + 0.22 * coils), soft=2.0)
+
+
+def _paint_periprostatic(cv: Canvas, pa: PatientAnatomy, ws: WeekState) -> None:
+    """Around the gland (label body, painted before it): an envelope of uneven thickness with about the gland's
+    intensity and the same texture, a bright venous plexus at the sides and front, the urethral sphincter under the
+    apex (a ring of muscle round the urethra, continuing the apex with a similar look)."""
+    pose = _gland_pose(pa, ws)
+    g, ry = pa.gland, pose[2][1]
+    box = _gland_box(cv.frame, pose, 16)
+    if box is None:
+        return
+    tex, mid, body = cv.tex[box], cv.mid[box], cv.label[box] == BODY
+    depth, _, nz = _gland_depth(*local_axes(*cv.frame.at(box), *pose[:2]), g, pose[2], tex)
+    envelope = depth + g.envelope_mm * (1 + 0.9 * cv.coarse[box]) + 2 * tex
+    cv.paint(box, envelope, g.t2 * g.envelope * (1 + 0.1 * tex + 0.08 * np.tanh(2 * mid)), soft=4.0, where=body)
+    # Veins: a thin level set of the noise (winding channels in a slice), within 12 mm of the gland, not behind it.
+    veins = np.exp(-(((0.7 * mid + 0.3 * tex) - 0.9) / 0.2) ** 2) * np.clip((depth + 12) / 3, 0, 1)
+    veins *= np.clip(1 - depth, 0, 1) * np.clip(nz + 0.6, 0, 1) * body
+    cv.blend(box, np.minimum(veins, 0.9), g.t2 * g.pz * 1.2)
+    top = _from_gland(pose, (0, -0.8 * ry, 0))
+    bottom = (top[0], top[1] - 30, top[2] + 4)
+    box = cv.frame.box(np.minimum(top, bottom) - 9, np.maximum(top, bottom) + 9)
+    if box is None:
+        return
+    depth, tex = capsule_depth(*cv.frame.at(box), top, bottom, 7.5, 5.5), cv.tex[box]
+    lumen = np.clip((depth - 2.5) / 2, 0, 1)
+    cv.paint(box, depth, g.t2 * (0.9 + 0.4 * lumen) * (1 + 0.08 * tex), soft=2.0, where=cv.label[box] == BODY)
+
+
+def _paint_levator(cv: Canvas, pa: PatientAnatomy, ws: WeekState) -> None:
+    """Levator ani (label body): a funnel of muscle round the gland and rectum, open in front, passing
+    `levator_mm` from the gland's sides and narrowing below the apex."""
+    pose = _gland_pose(pa, ws)
+    g, (cx, cy, cz), (rx, ry, rz) = pa.gland, (float(v) for v in pose[0]), pose[2]
+    side = rx * (1 + abs(g.asym)) + g.levator_mm + 3
+    knots = [cy - ry - 30, cy - ry, cy, cy + ry, cy + ry + 25]
+    zc = [cz - 25, cz - 20, cz - 15, cz - 20, cz - 30]
+    rxs, rzs = [9, 0.8 * side, side, side + 8, side + 22], [14, 28, rz + 22, rz + 26, rz + 30]
+    box = cv.frame.box((cx - side - 30, knots[0], cz - 75), (cx + side + 30, knots[-1], cz + 0.3 * rz))
+    if box is None:
+        return
+    sd, tex = swept_depth(cv.frame, box, knots, [cx] * 5, zc, rxs, rzs), cv.tex[box]
+    where = (cv.label[box] == BODY) & (cv.frame.Z[box] < cz + 0.2 * rz)
+    cv.paint(box, 2.5 + 0.8 * tex - np.abs(sd), MUSCLE * (1 + 0.08 * tex), soft=1.5, where=where)
+
+
+def _gland_t2(g: Gland, depth, uy, nz, lx, rx, tex, mid, coarse) -> np.ndarray:
+    """Intensity inside the gland: mottled transition zone (nodules), brighter peripheral zone at the back and all
+    round the apex with darker patches, dark central zone at the back of the base, dark anterior stroma, and a dark
+    capsule where the coarse noise exceeds g.capsule."""
+    value = g.t2 * (1 + 0.15 * np.tanh(2.0 * mid + 0.8 * tex) + 0.05 * tex)
+    back = np.clip((0.3 - nz + 1.2 * np.clip(-uy - 0.3, 0, 1)) / 0.4, 0, 1) * np.clip(1.4 - uy, 0, 1)
+    pz = back * np.clip((g.pz_mm * (1 + 0.4 * coarse) - depth) / 2.5, 0, 1) * np.clip(1.8 - 1.2 * mid, 0.1, 1)
+    value += pz * (g.t2 * g.pz * (1 + 0.08 * tex) - value)
+    central = np.clip((uy - 0.3) / 0.3, 0, 1) * np.clip((0.1 - nz) / 0.3, 0, 1)
+    central *= np.clip(1.5 - 2.5 * abs(lx) / rx, 0, 1)
+    stroma = np.clip((nz - 0.5) / 0.25, 0, 1) * np.clip((6 - depth) / 3, 0, 1)
+    value += np.maximum(central, stroma) * (0.8 * g.t2 - value)
+    capsule = np.exp(-(((depth - 0.7) / 0.6) ** 2)) * np.clip(2 * (coarse - g.capsule), 0, 1)
+    return value * (1 - 0.3 * capsule)
 
 
 def _paint_prostate(cv: Canvas, pa: PatientAnatomy, ws: WeekState) -> None:
-    """Walnut-shaped prostate (wider base, flattened back) inside a shell of tissue of almost the same
-    intensity, so its boundary is faint; a brighter peripheral zone posteriorly adds a misleading inner edge."""
-    radii = tuple(r * ws.prostate_scale for r in pa.prostate_radii)
-    c = ws.prostate_shift
-    box = cv.frame.box(np.subtract(c, radii) - 14, np.add(c, radii) + 14)
+    """The gland (label prostate), cut back where the rectum presses on it; soft partial-volume edge."""
+    pose = _gland_pose(pa, ws)
+    box = _gland_box(cv.frame, pose, 3)
     if box is None:
         return
-    X, Y, Z = cv.frame.at(box)
-    tex = cv.tex[box]
-    uy = np.clip((Y - c[1]) / radii[1], -1, 1)
-    xw = c[0] + (X - c[0]) / (1 + 0.15 * uy)
-    zw = c[2] + np.where(Z < c[2], np.float32(1.25), np.float32(1.0)) * (Z - c[2])
-    depth = ellipsoid_depth(xw, Y, zw, c, radii) + 0.5 * tex
-    shell = cv.label[box] == BODY
-    cv.paint(box, depth + 5 + 2 * tex, pa.shell_t2 * (1 + 0.1 * tex), soft=3.0, where=shell)
-    pz = np.clip(-1.6 * (zw - c[2]) / radii[2] + 0.1 - 0.4 * uy, 0, 1) * np.clip((9 - depth) / 3, 0, 1)
-    cv.paint(box, depth, pa.prostate_t2 * (1 + 0.14 * tex + 0.45 * pz), PROSTATE, soft=2.5)
+    tex, (lx, ly, lz) = cv.tex[box], local_axes(*cv.frame.at(box), *pose[:2])
+    depth, uy, nz = _gland_depth(lx, ly, lz, pa.gland, pose[2], tex)
+    depth = np.minimum(depth, -swept_depth(cv.frame, box, *_rectum_shape(pa, ws, pose)) - ws.gap)
+    value = _gland_t2(pa.gland, depth, uy, nz, lx, pose[2][0], tex, cv.mid[box], cv.coarse[box])
+    cv.paint(box, depth, value, PROSTATE, soft=3.0)
 
 
 def _acquire(cv: Canvas, ws: WeekState, rng: np.random.Generator) -> np.ndarray:
@@ -466,18 +480,19 @@ def make_volume(anatomy: PatientAnatomy, week: int, seed: int, shape=VOLUME_SHAP
     rng = np.random.default_rng(seed)
     ws = _draw_week(anatomy, week, rng)
     size = (shape[0], rows[1] - rows[0], shape[2])
-    tex, coarse = _smooth_noise(rng, shape, rows), _smooth_noise(rng, shape, rows, 3)
+    tex, coarse, mid = (noise_field(rng, shape, rows, levels) for levels in (1, 3, 2))
     image, label = np.empty(size, np.float32), np.empty(size, np.uint8)
     # Slabs of 16 x-rows keep every temporary array small: cache-friendly, and no page faults from huge arrays.
     for start in range(0, shape[0], 16):
         slab = slice(start, min(start + 16, shape[0]))
         frame = Frame(shape, spacing, ((slab.start, slab.stop), rows, (0, shape[2])), ws.position, ws.pitch, ws.disp,
                       max(ws.disp[0]))
-        cv = Canvas(frame, tex[slab], coarse[slab])
+        cv = Canvas(frame, tex[slab], coarse[slab], mid[slab])
         _paint_body(cv, anatomy)
         _paint_pelvic_fat(cv, anatomy)
         _paint_bowel(cv, anatomy)
-        for paint in (_paint_vesicles, _paint_rectum, _paint_bladder, _paint_prostate):
+        for paint in (_paint_vesicles, _paint_rectum, _paint_bladder, _paint_periprostatic, _paint_levator,
+                      _paint_prostate):
             paint(cv, anatomy, ws)
         _paint_bones(cv, anatomy)
         image[slab], label[slab] = _acquire(cv, ws, rng), cv.label
