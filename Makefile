@@ -10,7 +10,7 @@ DEMO := demo
 DEMO_MINUTES ?= 10
 DEMO3D_MINUTES ?= 8
 
-.PHONY: venv test lint demo demo3d bench readme-images clean-demo
+.PHONY: venv test lint demo demo3d bench readme clean-demo
 
 venv: $(VENV)/.installed
 
@@ -74,6 +74,10 @@ demo3d: $(DEMO)/run3d/test/summary.json
 
 bench: venv
 	$(PY) bench.py --out bench.json
+
+# Every picture and table in README.md, regenerated from a real demo run and a real benchmark.
+readme: demo bench
+	$(PY) tools/update_readme.py --run $(DEMO)/run2d --bench bench.json
 
 clean-demo:
 	rm -rf $(DEMO)
