@@ -553,7 +553,7 @@ def ensure_data(args: argparse.Namespace, plan: Plan) -> Path:
                              "a generated volume); point it at the folder holding keras_slices_train")
         return Path(args.data_dir)
     root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    folder = root / ("bench-phantom-2d" if plan.name == "full" else f"bench-phantom-2d-{plan.name}")
+    folder = root / f"bench-phantom-v{phantom.PHANTOM_VERSION}-2d-{plan.name}"
     if not (folder / phantom.COMPLETE_MARKER).exists():
         log.info("generating the benchmark phantom (%d patients x %d weeks) in %s, once", *plan.phantom, folder)
         phantom.write_dataset(folder, layout="2d", patients=plan.phantom[0], weeks=plan.phantom[1], seed=0)

@@ -421,7 +421,7 @@ def default_phantom(cache_dir: str | Path | None = None, layout: str = "2d", see
     folder, generated there on first use and reused afterwards."""
     import phantom
 
-    folder = Path(cache_dir or default_cache_dir()) / f"phantom-{layout}-seed{seed}"
+    folder = Path(cache_dir or default_cache_dir()) / f"phantom-v{phantom.PHANTOM_VERSION}-{layout}-seed{seed}"
     if not (folder / phantom.COMPLETE_MARKER).exists():
         log.info("no data folder given: generating the default %s phantom in %s (once)", layout, folder)
         phantom.write_dataset(folder, layout=layout, seed=seed)

@@ -32,6 +32,8 @@ ODD_EXTRA_Z = 16  # the one odd volume has 144 = 128 + 16 slices along z (same s
 SLICES_PER_VOLUME = 60
 FIRST_CASE_ID = 4  # case ids are 3-digit, 004, 005, ... as in the real study
 MAX_WEEKS = 8  # Week0..Week7
+# Bump when the anatomy or appearance changes: cached default phantoms are named after it and regenerate.
+PHANTOM_VERSION = 2
 COMPLETE_MARKER = "phantom.json"  # written last, holds the arguments and the summary
 
 # ---------------------------------------------------------------- files and layouts
