@@ -95,7 +95,7 @@ class Predictor:
         return labels
 
 
-def load_predictor(args: argparse.Namespace) -> tuple[Predictor, dict]:
+def load_predictor(args: argparse.Namespace) -> Predictor:
     ckpt = utils.load_checkpoint(args.checkpoint)
     device = utils.choose_device(args.device)
     model = UNet(**ckpt["model_args"])
@@ -115,7 +115,7 @@ def load_predictor(args: argparse.Namespace) -> tuple[Predictor, dict]:
     log.info("%s: %dD UNet from epoch %d (best validation mean foreground Dice %.4f), device %s, amp %s, tta axes %s",
              args.checkpoint, spatial_dims, ckpt["counters"]["epoch"], ckpt["counters"]["best_dice"], device,
              predictor.amp_dtype or "off", tta_axes or "none")
-    return predictor, ckpt
+    return predictor
 
 
 def class_index(name: str) -> int:
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     try:
         files = list_inputs(Path(args.input), out) if args.input else None
-        predictor, _ = load_predictor(args)
+        predictor = load_predictor(args)
         out.mkdir(parents=True, exist_ok=True)
         if files is not None:
             segment_files(predictor, files, out, args.save_probs)

@@ -148,13 +148,6 @@ class DeviceBatchSource:
             labels.append(self.volume_labels[item][x:x + px, y:y + py, z:z + pz])
         return torch.stack(images).unsqueeze(1).float(), torch.stack(labels).long()
 
-    def state_dict(self) -> dict:
-        """Batches depend only on (seed, epoch, rank, world_size); the state is the seed."""
-        return {"seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed = int(state["seed"])
-
 
 class SliceDataset(torch.utils.data.Dataset):
     """2D slices of a CaseSet for a DataLoader: item i -> (image float32 (1, H, W), label int64 (H, W))."""

@@ -26,7 +26,7 @@ import sampling
 import utils
 from augment import AugmentConfig
 from config import RESUME_MAY_CHANGE, TrainConfig, model_args, parse_config
-from modules import UNet
+from modules import UNet, count_parameters
 
 log = logging.getLogger("hipmri.train")
 
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         run = build_run(cfg, ranks, device)
         if cfg.resume:
             restore(run, out / "last.pt")
-        n_params = sum(p.numel() for p in run.model.parameters())
+        n_params = count_parameters(run.model)
         log.info("training a %dD UNet (%s parameters) on %s: %d train / %d validation cases, %d batches of %d per "
                  "epoch, device %s, amp %s, world size %d", cfg.dims, f"{n_params:,}", cfg.data_dir,
                  len(run.source.cases.keys), len(run.val_cases.keys), len(run.source), cfg.batch_size, device,

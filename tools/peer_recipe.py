@@ -34,6 +34,7 @@ import dataset  # noqa: E402
 import inference  # noqa: E402
 import sampling  # noqa: E402
 import utils  # noqa: E402
+from modules import count_parameters  # noqa: E402
 
 log = logging.getLogger("hipmri.peer")
 
@@ -258,7 +259,7 @@ def run_peer(args: argparse.Namespace) -> int:
     train_cases, val_cases = load_data(Path(args.data_dir), args.cache_dir, args.seed)
     loader = make_loader(train_cases, args.seed)
     model = make_model(tuple(args.features))
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_parameters(model)
     log.info("peer recipe: BasicUNet %s (%s parameters), DiceCELoss, Adam %.0e, batch %d, fp32, no augmentation, "
              "%d threads; %d train slices, %d validation cases from %s; budget %.2f min", tuple(args.features),
              f"{n_params:,}", PEER_LR, PEER_BATCH_SIZE, torch.get_num_threads(), len(loader.dataset),
