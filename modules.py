@@ -20,22 +20,61 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils import channels_last_format
+
+
+class _ChannelsLastInstanceNorm:
+    """Instance norm that keeps channels-last inputs channels-last. torch's instance norm views (B, C, *S) as
+    (1, B*C, *S), which a channels-last tensor is not, so it copies to contiguous and back (30% of a 3D training
+    step here); batch norm over each sample alone is the same arithmetic on the tensor as it lies."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_contiguous() or self.track_running_stats or x.ndim != self._get_no_batch_dim() + 1:
+            return super().forward(x)
+        return torch.cat([F.batch_norm(sample, None, None, self.weight, self.bias, True, 0.0, self.eps)
+                          for sample in x.split(1)])
+
+
+class InstanceNorm2d(_ChannelsLastInstanceNorm, nn.InstanceNorm2d):
+    pass
+
+
+class InstanceNorm3d(_ChannelsLastInstanceNorm, nn.InstanceNorm3d):
+    pass
+
+
+class UpConv(nn.Module):
+    """Transposed convolution with kernel 2 and stride 2, (B, in, *S) -> (B, out, *2S), as one matrix product.
+
+    Each input voxel feeds its own 2x2(x2) output block, so the layer is a (in -> 2**d * out) linear map per
+    voxel followed by a reshuffle. Done so, forward and backward take half the time of torch's
+    ConvTranspose2d/3d on a CPU, whose backward runs at ~10-30% of matmul speed at these sizes. The parameters
+    are those of ConvTranspose (weight (in, out, 2, 2[, 2]), bias (out)): the same init and checkpoints.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int):
+        super().__init__()
+        _layers(spatial_dims)  # checks spatial_dims
+        self.spatial_dims = spatial_dims
+        self.weight = nn.Parameter(torch.empty(in_channels, out_channels, *[2] * spatial_dims))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d, (batch, _, *size), out = self.spatial_dims, x.shape, self.weight.shape[1]
+        # (in, out, k0, k1, ..) -> (in, k0, k1, .., out): output channel fastest, as channels-last wants.
+        weight = self.weight.movedim(1, -1).reshape(self.weight.shape[0], -1)
+        y = F.linear(x.movedim(1, -1), weight.t(), self.bias.repeat(2**d))  # (B, *S, 2**d * out)
+        # (B, S0, S1, .., k0, k1, .., out) -> (B, S0, k0, S1, k1, .., out) -> (B, 2 S0, 2 S1, .., out)
+        order = [0, *(axis for i in range(d) for axis in (1 + i, 1 + d + i)), 1 + 2 * d]
+        y = y.view(batch, *size, *[2] * d, out).permute(order).reshape(batch, *(2 * s for s in size), out)
+        y = y.movedim(-1, 1)  # channels-last strides
+        return y if x.is_contiguous(memory_format=channels_last_format(d)) else y.contiguous()
+
+
 # One lookup per dimension, so there is no 2D copy of the 3D code.
 _LAYERS: dict[int, dict[str, type[nn.Module]]] = {
-    2: {
-        "conv": nn.Conv2d,
-        "conv_transpose": nn.ConvTranspose2d,
-        "pool": nn.MaxPool2d,
-        "batch": nn.BatchNorm2d,
-        "instance": nn.InstanceNorm2d,
-    },
-    3: {
-        "conv": nn.Conv3d,
-        "conv_transpose": nn.ConvTranspose3d,
-        "pool": nn.MaxPool3d,
-        "batch": nn.BatchNorm3d,
-        "instance": nn.InstanceNorm3d,
-    },
+    2: {"conv": nn.Conv2d, "pool": nn.MaxPool2d, "batch": nn.BatchNorm2d, "instance": InstanceNorm2d},
+    3: {"conv": nn.Conv3d, "pool": nn.MaxPool3d, "batch": nn.BatchNorm3d, "instance": InstanceNorm3d},
 }
 NORMS = ("batch", "instance")
 ACTIVATIONS = ("relu", "leaky_relu")
@@ -94,7 +133,7 @@ class Up(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, norm: str = "batch", act: str = "relu"):
         super().__init__()
-        self.up = _layers(spatial_dims)["conv_transpose"](in_channels, out_channels, kernel_size=2, stride=2)
+        self.up = UpConv(spatial_dims, in_channels, out_channels)
         self.conv = DoubleConv(spatial_dims, 2 * out_channels, out_channels, norm, act)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -201,7 +240,7 @@ def init_weights(model: nn.Module, act: str = "relu") -> None:
     """Kaiming normal (fan_in) for conv and transposed-conv weights, zero biases, norm weights one."""
     nonlinearity, slope = ("relu", 0.0) if act == "relu" else ("leaky_relu", LEAKY_SLOPE)
     for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d, UpConv)):
             nn.init.kaiming_normal_(module.weight, a=slope, mode="fan_in", nonlinearity=nonlinearity)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)

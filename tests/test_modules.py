@@ -169,3 +169,62 @@ def test_input_with_wrong_number_of_axes_is_rejected():
     model = modules.UNet(3, features=TINY)
     with pytest.raises(ValueError, match="expects input"):
         model(torch.randn(1, 1, 16, 16))
+
+
+@pytest.mark.parametrize("spatial_dims, size", [(2, (6, 5)), (3, (6, 5, 3))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upconv_is_torchs_transposed_convolution(spatial_dims, size, channels_last):
+    """UpConv (one matrix product) computes what ConvTranspose(kernel 2, stride 2) does, gradients included,
+    and keeps the input's memory format."""
+    up = modules.UpConv(spatial_dims, 8, 4).double()
+    nn.init.normal_(up.weight)
+    nn.init.normal_(up.bias)
+    reference = (nn.ConvTranspose2d if spatial_dims == 2 else nn.ConvTranspose3d)(8, 4, 2, stride=2).double()
+    reference.load_state_dict(up.state_dict())  # the same parameter names and shapes
+    x = torch.randn(2, 8, *size, dtype=torch.float64)
+    memory_format = utils.channels_last_format(spatial_dims)
+    if channels_last:
+        x = x.contiguous(memory_format=memory_format)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_ref = up(x_ours), reference(x_ref)
+    grad = torch.randn_like(y_ref)
+    y_ours.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(y_ours, y_ref)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad)
+    torch.testing.assert_close(up.weight.grad, reference.weight.grad)
+    torch.testing.assert_close(up.bias.grad, reference.bias.grad)
+    assert y_ours.is_contiguous(memory_format=memory_format if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("spatial_dims, size", [(2, (6, 5)), (3, (6, 5, 3))])
+def test_instance_norm_on_channels_last_matches_torch_and_stays_channels_last(spatial_dims, size):
+    ours = modules._make_norm(spatial_dims, "instance", 4).double()
+    nn.init.normal_(ours.weight)
+    nn.init.normal_(ours.bias)
+    reference = (nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d)(4, affine=True).double()
+    reference.load_state_dict(ours.state_dict())
+    memory_format = utils.channels_last_format(spatial_dims)
+    x = torch.randn(3, 4, *size, dtype=torch.float64).contiguous(memory_format=memory_format)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_ref = ours(x_ours), reference(x_ref)
+    grad = torch.randn_like(y_ref)
+    y_ours.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(y_ours, y_ref)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad)
+    assert y_ours.is_contiguous(memory_format=memory_format)
+
+
+def test_checkpoints_of_the_convtranspose_unet_still_load():
+    """Before UpConv the decoder used ConvTranspose under the same names: a UNet with that decoder, loaded from
+    the same state dict, computes the same logits."""
+    model = modules.UNet(2, features=TINY).eval()
+    legacy = modules.UNet(2, features=TINY).eval()
+    for up in legacy.ups:
+        up.up = nn.ConvTranspose2d(*up.up.weight.shape[:2], kernel_size=2, stride=2)
+    legacy.load_state_dict(model.state_dict())  # strict: the same keys and shapes
+    x = torch.randn(2, 1, 24, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), legacy(x))
