@@ -41,18 +41,26 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import phantom
 from augment import AugmentConfig
-from config import TrainConfig, model_args
+from config import TrainConfig, dims_defaults, model_args
 from dataset import DataConfig, default_cache_dir, detect_layout, find_pairs, load_split, preprocess_image
 from inference import predict_case, window_starts
 from losses import make_loss
 from modules import UNet
 from sampling import DeviceBatchSource, measure_read_speed
-from utils import NUM_CLASSES, amp_dtype_for, autocast, channels_last_format, choose_device, setup_logging, write_json
+from train import make_optimizer
+from utils import (
+    NUM_CLASSES,
+    amp_dtype_for,
+    autocast,
+    channels_last_format,
+    choose_device,
+    keep_freed_memory,
+    setup_logging,
+    write_json,
+)
 
 log = logging.getLogger("hipmri.bench")
 
-DEFAULT_BATCH = {2: 8, 3: 2}  # what train.py's resolve_config picks when the config leaves them None
-DEFAULT_NORM = {2: "batch", 3: "instance"}
 PREDICT_BATCH = 4  # predict.py's default slices (2D) or windows (3D) per forward pass
 STUDENT_WORKERS = 0  # student DataLoader workers: on 2 cores, workers only take cores away from the model
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -77,7 +85,7 @@ class Plan:
     repeats_3d: int = 2
     repeats_3d_fp32: int = 1  # an fp32 3D step takes 12-60 s here
     features: tuple[int, ...] | None = None  # None: TrainConfig.features
-    batch_2d: int | None = None  # None: DEFAULT_BATCH
+    batch_2d: int | None = None  # None: TrainConfig's default batch size
     batch_3d: int | None = None
     patch_3d: tuple[int, int, int] | None = None  # None: TrainConfig.patch_size
     volume_3d: tuple[int, int, int] = (256, 256, 128)  # sliding-window volume (x, y, z)
@@ -127,16 +135,20 @@ class Bench:
     def features(self) -> tuple[int, ...]:
         return tuple(self.plan.features or self.cfg.features)
 
+    def config(self, spatial_dims: int) -> TrainConfig:
+        """The training config train.py resolves for these dims, with the plan's model and batch sizes."""
+        batch = (self.plan.batch_2d if spatial_dims == 2 else self.plan.batch_3d) or self.cfg.batch_size
+        return dims_defaults(replace(self.cfg, dims=spatial_dims, features=self.features(), batch_size=batch))
+
     def norm(self, spatial_dims: int) -> str:
-        return self.cfg.norm or DEFAULT_NORM[spatial_dims]
+        return self.config(spatial_dims).norm
 
     def batch(self, spatial_dims: int) -> int:
-        return (self.plan.batch_2d if spatial_dims == 2 else self.plan.batch_3d) or DEFAULT_BATCH[spatial_dims]
+        return self.config(spatial_dims).batch_size
 
     def ours(self, spatial_dims: int) -> nn.Module:
         torch.manual_seed(self.cfg.seed)
-        cfg = replace(self.cfg, dims=spatial_dims, features=self.features(), norm=self.norm(spatial_dims))
-        return UNet(**model_args(cfg)).to(self.device)
+        return UNet(**model_args(self.config(spatial_dims))).to(self.device)
 
     def peer(self, spatial_dims: int) -> nn.Module | None:
         """MONAI's BasicUNet of our widths and norm (None without MONAI), the closest MONAI net to ours: two 3x3
@@ -181,7 +193,7 @@ def make_train_step(bench: Bench, model: nn.Module, spatial_dims: int,
         model = model.to(memory_format=memory_format)
     net = torch.compile(model) if setting.compile else model
     loss_fn = make_loss(cfg.loss, NUM_CLASSES).to(bench.device)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimiser = make_optimizer(model, cfg, bench.device)
     scaler = torch.amp.GradScaler(bench.device.type, enabled=setting.amp_dtype == torch.float16)
     model.train()
 
@@ -543,6 +555,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile ours and the peer in the default setting (off, as in TrainConfig)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="as train.py and predict.py do on a CPU (default: on); --no-keep-freed-memory measures "
+                             "glibc's default allocator")
     parser.add_argument("--verbose", action="store_true")
     return parser.parse_args(argv)
 
@@ -591,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     started, load_before = time.perf_counter(), os.getloadavg()
     bench = Bench(plan, replace(TrainConfig(), compile=args.compile), choose_device(args.device),
                   ensure_data(args, plan), Path(args.cache_dir) if args.cache_dir else None)
-    result = {"device": str(bench.device), "settings": describe(bench)}
+    keeps_memory = args.keep_freed_memory and keep_freed_memory(bench.device)
+    result = {"device": str(bench.device), "settings": {**describe(bench), "keep_freed_memory": keeps_memory}}
     if load_before[0] > 0.5 * (os.cpu_count() or 1):
         log.warning("load average %.1f on %d cores: other jobs share the CPU, so figures will be low and noisy "
                     "(see train_*.fastest_repeats); with a core taken, --threads 1 avoids stalls between threads",

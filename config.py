@@ -15,7 +15,7 @@ from utils import NUM_CLASSES
 # Options that may differ from the saved config when resuming: they change how long or where the run
 # goes, not what it computes.
 RESUME_MAY_CHANGE = {"epochs", "max_minutes", "resume", "device", "workers", "cache_dir", "verbose", "val_every",
-                     "max_bad_steps"}
+                     "max_bad_steps", "keep_freed_memory"}
 
 
 CHOICES = {"dims": (2, 3), "scheduler": ("onecycle", "cosine", "poly"), "loss": ("dice", "ce", "dicece"),
@@ -46,6 +46,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast where native (CPU with AVX512-BF16/AMX, Ampere+ GPUs), else fp16 + GradScaler
     channels_last: bool = True  # NHWC/NDHWC memory format (faster convolutions)
     compile: bool = False  # torch.compile the model
+    keep_freed_memory: bool = True  # CPU (glibc): reuse freed memory instead of faulting it in again; 1.5x peak RSS
     accumulate: int = 1  # gradient accumulation steps
     clip_grad: float = 1.0  # max gradient norm, applied after unscaling
     val_every: int = 1  # validate every N epochs (and always at the end)
@@ -99,6 +100,18 @@ def parse_config(argv: list[str] | None, description: str = "") -> tuple[TrainCo
         if key in overrides:
             overrides[key] = tuple(overrides[key])
     return replace(TrainConfig(), **overrides), overrides
+
+
+def dims_defaults(cfg: TrainConfig) -> TrainConfig:
+    """Fill the defaults that depend on cfg.dims: batch size 8 in 2D (whole slices), 2 in 3D (patches); batch norm
+    in 2D, instance norm in 3D (the batch statistics of 2 correlated patches are noise)."""
+    if cfg.dims not in CHOICES["dims"]:
+        raise ValueError(f"dims must be 2 or 3 before the defaults that depend on it, got {cfg.dims!r}")
+    if cfg.batch_size is None:
+        cfg = replace(cfg, batch_size=8 if cfg.dims == 2 else 2)
+    if cfg.norm is None:
+        cfg = replace(cfg, norm="batch" if cfg.dims == 2 else "instance")
+    return cfg
 
 
 def model_args(cfg: TrainConfig) -> dict:

@@ -58,6 +58,8 @@ def get_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--save-probs", action="store_true",
                         help="also write softmax probabilities (float32 NIfTI, classes on the last axis)")
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: the best available)")
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="CPU (glibc): reuse freed memory instead of faulting it in again (default: on)")
     parser.add_argument("--cache-dir", help="decoded-data cache (default: ~/.cache/hipmri-seg or $HIPMRI_CACHE)")
     parser.add_argument("--verbose", action="store_true")
     return parser.parse_args(argv)
@@ -98,6 +100,8 @@ class Predictor:
 def load_predictor(args: argparse.Namespace) -> Predictor:
     ckpt = utils.load_checkpoint(args.checkpoint)
     device = utils.choose_device(args.device)
+    if args.keep_freed_memory:
+        utils.keep_freed_memory(device)
     model = UNet(**ckpt["model_args"])
     model.load_state_dict(ckpt["model"])
     spatial_dims = ckpt["model_args"]["spatial_dims"]

@@ -25,7 +25,7 @@ import losses
 import sampling
 import utils
 from augment import AugmentConfig
-from config import RESUME_MAY_CHANGE, TrainConfig, model_args, parse_config
+from config import RESUME_MAY_CHANGE, TrainConfig, dims_defaults, model_args, parse_config
 from modules import UNet, count_parameters
 
 log = logging.getLogger("hipmri.train")
@@ -49,12 +49,7 @@ def resolve_config(cfg: TrainConfig, overrides: dict) -> TrainConfig:
     layout_dims = 2 if dataset.detect_layout(cfg.data_dir) == "2d" else 3
     if cfg.dims is not None and cfg.dims != layout_dims:
         raise SystemExit(f"--dims {cfg.dims} does not match the {layout_dims}D layout found in {cfg.data_dir}")
-    cfg = replace(cfg, dims=layout_dims)
-    if cfg.batch_size is None:
-        cfg = replace(cfg, batch_size=8 if cfg.dims == 2 else 2)
-    if cfg.norm is None:  # batch statistics of 2 correlated 3D patches are noise: instance norm there
-        cfg = replace(cfg, norm="batch" if cfg.dims == 2 else "instance")
-    return cfg
+    return dims_defaults(replace(cfg, dims=layout_dims))
 
 
 def _tuples(config: dict) -> dict:
@@ -188,6 +183,13 @@ class Run:
         return self.cfg.max_minutes is not None and self.elapsed >= self.cfg.max_minutes * 60
 
 
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW at the schedule's first learning rate. The fused kernel steps all parameters at once (measured 4.7 ms
+    vs 12-25 ms per step on the 2D default)."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr * lr_factor(0, cfg.scheduler),
+                             weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
+
+
 def build_run(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
     run_dir = Path(cfg.out)
     utils.seed_everything(cfg.seed)
@@ -218,9 +220,7 @@ def build_run(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
     if cfg.compile:
         net = torch.compile(net)
     amp_dtype = utils.amp_dtype_for(device, cfg.amp)
-    # The fused kernel steps all parameters at once (measured 4.7 ms vs 12-25 ms per step on the 2D default).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr * lr_factor(0, cfg.scheduler),
-                                  weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
+    optimizer = make_optimizer(model, cfg, device)
     loss_fn = losses.make_loss(cfg.loss, utils.NUM_CLASSES, class_weights(cfg, train_cases))
     if cfg.deep_supervision:
         loss_fn = losses.DeepSupervisionLoss(loss_fn)
@@ -405,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
             out.mkdir(parents=True, exist_ok=True)
             utils.setup_logging(cfg.verbose, ranks.rank, log_file=out / "train.log")
             utils.write_json(out / "config.json", asdict(cfg))
+        if cfg.keep_freed_memory:
+            utils.keep_freed_memory(device)
         run = build_run(cfg, ranks, device)
         if cfg.resume:
             restore(run, out / "last.pt")

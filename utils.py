@@ -7,6 +7,7 @@ importing utils stays cheap for workers.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -115,6 +116,30 @@ def amp_dtype_for(device: torch.device, enabled: bool = True) -> torch.dtype | N
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """An autocast context for `dtype`, or a disabled one for fp32 (same call site either way)."""
     return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def keep_freed_memory(device: torch.device) -> bool:
+    """On a CPU with glibc, keep freed memory in the process for reuse; returns whether it is in effect.
+
+    glibc hands every block over 32 MB (and, by its dynamic threshold, most activation-sized blocks) to mmap and
+    gives it back on free, so each training step page-faults its activations in again: the kernel then zeroes
+    them page by page. Measured on the default 3D step on 2 cores: a million page faults and 1.9 s of the 3.5 s
+    step in the kernel; serving all blocks from the heap took the step to 2.3 s (2D: 0.30 -> 0.26 s) for a 25%
+    higher peak RSS. CUDA tensors do not go through malloc, so this only runs for the CPU.
+    """
+    if device.type != "cpu":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        # One arena: the per-thread arenas hold at most 64 MB, so their larger blocks would go to mmap after all.
+        settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+        return all([libc.mallopt(param, value) for param, value in settings])
+    except (OSError, AttributeError):  # not glibc (macOS, musl): their allocators behave differently
+        return False
 
 
 def channels_last_format(spatial_dims: int) -> torch.memory_format:
