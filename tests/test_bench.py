@@ -48,6 +48,8 @@ def test_smoke_run_writes_every_field(phantom_2d_dir, tmp_path, capsys):
     assert (None not in numbers) == monai_installed
     assert set(result["targets"]) == set(bench.TARGETS)
     assert result["settings"]["plan"]["name"] == "smoke" and result["epoch"]["extrapolated"] is True
+    assert 0 < result["epoch"]["student_reading_share"] < 1 and result["epoch"]["speedup_without_student_reading"] > 0
+    assert isinstance(result["settings"]["keep_freed_memory"], bool)
     assert "| measure | value | target | met |" in capsys.readouterr().out
 
 
