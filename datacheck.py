@@ -126,7 +126,7 @@ def check_data(data_dir: str | Path, workers: int | None = None) -> tuple[list[s
         problems += [f"{kind}: {item}" for kind, items in found.items() for item in items]
     tasks = [(pair, spatial_dims) for pairs in scanned.values() for pair in pairs]
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
-    infos = iter(list(dataset._parallel(_inspect_pair, tasks, workers, "reading", "file")))
+    infos = iter(list(dataset.parallel_map(_inspect_pair, tasks, workers, "reading", "file")))
     patients = {}
     for name, pairs in scanned.items():
         group_infos = [next(infos) for _ in pairs]

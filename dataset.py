@@ -1,4 +1,4 @@
-"""HipMRI data: find and pair files, read and check them, cache them decoded, split by patient, feed batches.
+"""HipMRI data: find and pair files, read and check them, preprocess them, split 3D scans by patient.
 
 Layouts (see DESIGN.md "The data"); `detect_layout` tells them apart and `find_pairs` pairs files by
 the case/week/slice parsed from their names, never by sorted position:
@@ -12,28 +12,23 @@ the case/week/slice parsed from their names, never by sorted position:
 
 A *case* is one scan (patient + week). In 2D its slices are stacked in slice order into (n_slices, H, W);
 in 3D it is the (X, Y, Z) volume in nibabel's axis order. `preprocess_image` is the one preprocessing of an
-image, for training and prediction alike; `load_split` decodes a split once through it into a memory-mapped
-cache and returns a `CaseSet`. Batches come from sampling.py; `python dataset.py check DATA_DIR` prints the
+image, for training and prediction alike; cache.py decodes a split once through it into a memory-mapped
+cache (`cache.load_split`). Batches come from sampling.py; `python dataset.py check DATA_DIR` prints the
 integrity report of datacheck.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
-import os
 import re
-import shutil
 import sys
-import time
-import uuid
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -44,15 +39,14 @@ from tqdm import tqdm
 
 from utils import NUM_CLASSES, setup_logging, write_json
 
-__all__ = ["CaseSet", "DataConfig", "DataError", "Pair", "default_cache_dir", "detect_layout", "find_pairs",
-           "load_split", "load_split_file", "main", "normalise", "preprocess_image", "read_image", "read_label",
-           "resize_slices", "save_split", "split_by_patient", "voxel_spacing"]
+__all__ = ["DataConfig", "DataError", "Pair", "detect_layout", "find_pairs", "load_split_file", "main", "normalise",
+           "preprocess_image", "read_image", "read_label", "resize_slices", "save_split", "split_by_patient",
+           "voxel_spacing"]
 
 log = logging.getLogger("hipmri.dataset")
 
 SPLITS = ("train", "validate", "test")
-CACHE_VERSION = 3  # bump whenever the code changes what a cache holds: old caches are then rebuilt
-_LISTED = 5  # offending files named in an error message before "... and N more"
+LISTED = 5  # offending files named in an error message before "... and N more"
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError)
 
 
@@ -107,7 +101,7 @@ def _naming_2d(split: str) -> _Naming:
                    "case_{case}_week_{week}_slice_{slice}")
 
 
-def _listing(paths: Sequence[str | Path], limit: int = _LISTED) -> str:
+def _listing(paths: Sequence[str | Path], limit: int = LISTED) -> str:
     """'a, b, c' or 'a, b, c, ... and 7 more' for error messages."""
     names = [str(p) for p in paths]
     more = f", ... and {len(names) - limit} more" if len(names) > limit else ""
@@ -341,6 +335,18 @@ def preprocess_image(image: np.ndarray, spatial_dims: int, cfg: DataConfig) -> n
     return normalise(image, cfg.clip_percentiles, cfg.eps, axes).astype(cfg.cache_dtype)
 
 
+def parallel_map(function: Callable, tasks: list, workers: int, desc: str, unit: str) -> Iterator:
+    """function(task) for each task in order, in `workers` processes (in this one when workers <= 1)."""
+    if workers <= 1 or len(tasks) <= 1:
+        yield from tqdm(map(function, tasks), total=len(tasks), desc=desc, unit=unit, disable=None, leave=False)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        chunk = max(1, min(16, len(tasks) // (4 * workers)))
+        yield from tqdm(pool.map(function, tasks, chunksize=chunk), total=len(tasks), desc=desc, unit=unit,
+                        disable=None, leave=False)
+
+
+
 # ---------------------------------------------------------------- splits (3D)
 
 
@@ -384,7 +390,7 @@ def load_split_file(path: str | Path) -> dict[str, list[str]]:
                         f"delete it to draw a new split") from exc
 
 
-def _split_keys(data_dir: Path, pairs: list[Pair], split_file: Path | None, seed: int,
+def split_keys(data_dir: Path, pairs: list[Pair], split_file: Path | None, seed: int,
                 ratios: Sequence[float]) -> dict[str, list[str]]:
     if split_file is not None and Path(split_file).exists():
         splits = load_split_file(split_file)
@@ -404,266 +410,6 @@ def _split_keys(data_dir: Path, pairs: list[Pair], split_file: Path | None, seed
         log.warning("%d scan(s) in %s are in no split of %s: %s", len(unused), data_dir, split_file,
                     _listing(sorted(unused)))
     return splits
-
-
-# ---------------------------------------------------------------- cache
-
-
-def default_cache_dir() -> Path:
-    """$HIPMRI_CACHE, else $XDG_CACHE_HOME/hipmri-seg, else ~/.cache/hipmri-seg."""
-    if os.environ.get("HIPMRI_CACHE"):
-        return Path(os.environ["HIPMRI_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hipmri-seg"
-
-
-def default_phantom(cache_dir: str | Path | None = None, layout: str = "2d", seed: int = 0) -> Path:
-    """The default data set when no data folder is given: a phantom (12 patients x 2 weeks) in the cache
-    folder, generated there on first use and reused afterwards."""
-    import phantom
-
-    folder = Path(cache_dir or default_cache_dir()) / f"phantom-v{phantom.PHANTOM_VERSION}-{layout}-seed{seed}"
-    if not (folder / phantom.COMPLETE_MARKER).exists():
-        log.info("no data folder given: generating the default %s phantom in %s (once)", layout, folder)
-        phantom.write_dataset(folder, layout=layout, seed=seed)
-    return folder
-
-
-def _group_cases(pairs: list[Pair]) -> list[list[Pair]]:
-    """Pairs grouped by scan, scans sorted, 2D slices in slice order."""
-    cases: dict[str, list[Pair]] = defaultdict(list)
-    for pair in pairs:
-        cases[pair.case_key].append(pair)
-    return [sorted(cases[k], key=lambda p: p.slice_index or 0) for k in sorted(cases)]
-
-
-def _cache_key(pairs: list[Pair], cfg: DataConfig, spatial_dims: int) -> str:
-    digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "dims": spatial_dims, "cfg": asdict(cfg)}).encode())
-    for pair in pairs:
-        for path in (pair.image, pair.label):
-            if path is not None:  # folder/name: the names, not where the data folder happens to be
-                stat = os.stat(path)
-                digest.update(f"{path.parent.name}/{path.name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def _read_case(pairs: list[Pair], spatial_dims: int, cfg: DataConfig):
-    """One scan read and preprocessed: image (cfg.cache_dtype), label uint8 or None, spacing, original shape,
-    warnings. 2D: slices stacked to (n, H, W) and resized; spacing ordered as the stacked axes."""
-    images, labels, warnings = [], [], []
-    for pair in pairs:
-        image, img = read_image(pair.image, spatial_dims)
-        label = read_label(pair.label, spatial_dims) if pair.label is not None else None
-        if label is not None and label.shape != image.shape:
-            raise DataError(f"shape mismatch: image {pair.image} is {image.shape}, label {pair.label} is {label.shape}")
-        images.append(image)
-        labels.append(label)
-    spacing, assumed = voxel_spacing(img)
-    if spatial_dims == 3:
-        image, label = images[0], labels[0]
-    else:
-        shapes = sorted({im.shape for im in images})
-        if len(shapes) > 1:
-            raise DataError(f"slices of {pairs[0].case_key} differ in shape {shapes}: {pairs[0].image.parent}")
-        if assumed:
-            warnings.append(f"{pairs[0].image}: no slice spacing in the header; assuming 1.0 mm")
-        if [p.slice_index for p in pairs] != list(range(len(pairs))):
-            warnings.append(f"{pairs[0].case_key}: slice indices are not 0..{len(pairs) - 1}; stacked as found")
-        spacing = (spacing[2], spacing[0], spacing[1])
-        image, label = np.stack(images), (np.stack(labels) if labels[0] is not None else None)
-    original_shape = image.shape
-    image = preprocess_image(image, spatial_dims, cfg)
-    if spatial_dims == 2 and cfg.target_size_2d is not None:
-        label = resize_slices(label, cfg.target_size_2d, is_label=True) if label is not None else None
-        # Resizing changes the pixel size: spacings describe the arrays as cached (metrics run on them).
-        spacing = tuple(s * old / new for s, old, new in zip(spacing, original_shape, image.shape))
-    return image, label, spacing, original_shape, warnings
-
-
-def _build_case(task: tuple) -> dict:
-    """Worker: read one scan and write image_NNNNN.npy / label_NNNNN.npy into the build folder."""
-    index, pairs, spatial_dims, cfg, folder = task
-    try:
-        image, label, spacing, original_shape, warnings = _read_case(pairs, spatial_dims, cfg)
-    except DataError as exc:
-        return {"error": str(exc)}
-    entry = {"key": pairs[0].case_key, "image": f"image_{index:05d}.npy", "label": None, "spacing": spacing,
-             "original_shape": list(original_shape), "warnings": warnings, "error": None,
-             "class_counts": [0] * NUM_CLASSES}
-    np.save(Path(folder) / entry["image"], image)
-    if label is not None:
-        entry["label"] = f"label_{index:05d}.npy"
-        np.save(Path(folder) / entry["label"], label)
-        entry["class_counts"] = np.bincount(label.ravel(), minlength=NUM_CLASSES).tolist()
-    return entry
-
-
-def _parallel(function: Callable, tasks: list, workers: int, desc: str, unit: str) -> Iterator:
-    """function(task) for each task in order, in `workers` processes (in this one when workers <= 1)."""
-    if workers <= 1 or len(tasks) <= 1:
-        yield from tqdm(map(function, tasks), total=len(tasks), desc=desc, unit=unit, disable=None, leave=False)
-        return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        chunk = max(1, min(16, len(tasks) // (4 * workers)))
-        yield from tqdm(pool.map(function, tasks, chunksize=chunk), total=len(tasks), desc=desc, unit=unit,
-                        disable=None, leave=False)
-
-
-def _valid_cache(folder: Path, key: str) -> dict | None:
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if manifest.get("key") != key or manifest.get("version") != CACHE_VERSION:
-        return None
-    files = [c[name] for c in manifest["cases"] for name in ("image", "label") if c[name]]
-    return manifest if all((folder / f).is_file() for f in files) else None
-
-
-def _build_cache(folder: Path, key: str, cases: list[list[Pair]], spatial_dims: int, cfg: DataConfig,
-                 data_dir: Path, workers: int) -> dict:
-    """Build in a hidden temporary folder, write manifest.json last, then rename into place: a killed build
-    leaves only a `.tmp-*` folder, never one that looks valid."""
-    building = folder.parent / f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    building.mkdir(parents=True)
-    try:
-        tasks = [(i, pairs, spatial_dims, cfg, str(building)) for i, pairs in enumerate(cases)]
-        entries = list(_parallel(_build_case, tasks, workers, f"caching {folder.name}", "scan"))
-        errors = [e["error"] for e in entries if e["error"]]
-        if errors:
-            raise DataError(f"{len(errors)} scan(s) could not be read: " + " | ".join(errors[:_LISTED])
-                            + (f" | ... and {len(errors) - _LISTED} more" if len(errors) > _LISTED else ""))
-        for entry in entries:
-            for text in entry.pop("warnings"):
-                log.warning("%s", text)
-        manifest = {"version": CACHE_VERSION, "key": key, "data_dir": str(data_dir.resolve()),
-                    "spatial_dims": spatial_dims, "config": asdict(cfg), "cases": entries}
-        (building / "manifest.json").write_text(json.dumps(manifest))
-        finished_elsewhere = _valid_cache(folder, key)  # by another process (a DDP rank, a second run)
-        if finished_elsewhere is not None:
-            shutil.rmtree(building)
-            return finished_elsewhere
-        if folder.exists():
-            shutil.rmtree(folder)  # same key but no valid manifest: a damaged cache
-        try:
-            os.replace(building, folder)
-        except OSError:  # the other process won the race between the check above and the rename
-            if (finished_elsewhere := _valid_cache(folder, key)) is None:
-                raise
-            shutil.rmtree(building)
-            return finished_elsewhere
-        return manifest
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
-
-
-def _prune_stale(root: Path, keep: Path, manifest: dict) -> None:
-    """Remove day-old unfinished builds, and caches of the same data folder, scans and settings as `manifest`:
-    those were built from files that have changed since. Caches of other splits or settings stay."""
-    prefix = keep.name.rsplit("-", 1)[0] + "-"
-    same = ("data_dir", "config", "spatial_dims")
-    for folder in root.iterdir():
-        if folder == keep or not folder.is_dir():
-            continue
-        if folder.name.startswith(".tmp-") and time.time() - folder.stat().st_mtime > 86400:
-            shutil.rmtree(folder, ignore_errors=True)
-        elif folder.name.startswith(prefix):
-            try:
-                other = json.loads((folder / "manifest.json").read_text())
-            except (OSError, ValueError):
-                continue
-            if all(json.dumps(other.get(k)) == json.dumps(manifest[k]) for k in same) and (
-                    _case_keys(other) == _case_keys(manifest)):
-                log.info("removing the outdated cache %s", folder)
-                shutil.rmtree(folder, ignore_errors=True)
-
-
-def _case_keys(manifest: dict) -> list[str]:
-    return [case.get("key") for case in manifest.get("cases", [])]
-
-
-# ---------------------------------------------------------------- a split in memory
-
-
-@dataclass
-class CaseSet:
-    """A split decoded into (memory-mapped) arrays, one entry per scan."""
-
-    spatial_dims: int
-    keys: list[str]  # "case_004_week_0" (2D) / "Case_004_Week0" (3D)
-    images: list[np.ndarray]  # preprocess_image's: 2D (n_slices, H, W) resized, each slice z-scored; 3D (X, Y, Z)
-    labels: list[np.ndarray | None]  # same shapes, uint8 0..5
-    # mm per axis of the arrays above (2D: slice, in-plane H, in-plane W), after resizing; the files' own
-    # spacing is spacing * shape / original_shape per axis.
-    spacings: list[tuple[float, float, float]]
-    original_shapes: list[tuple[int, ...]]  # shape before resizing: 2D (n_slices, H0, W0); 3D (X, Y, Z)
-    sources: list[list[Pair]]  # the files of each scan (2D in slice order), e.g. for headers when writing NIfTI
-    class_counts: list[np.ndarray] = field(default_factory=list)  # int64 (NUM_CLASSES,) voxels per class
-    cache_path: Path | None = None
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
-def load_split(data_dir: str | Path, split: str, cfg: DataConfig | None = None, cache_dir: str | Path | None = None,
-               split_file: str | Path | None = None, seed: int = 0, workers: int | None = None) -> CaseSet:
-    """Decode `split` ("train", "validate", "test") through the cache and return it memory-mapped
-    (copy-on-write: arrays are writable, but writes stay in this process).
-
-    2D: the split folders. 3D: the patients listed in `split_file` if it exists, else a split drawn with
-    `seed` and `cfg.split_ratios` (and saved to `split_file` when given). The cache lives in
-    `cache_dir` (default `default_cache_dir()`, never inside `data_dir`), one folder per split keyed by the
-    files' names, sizes and mtimes and by `cfg`; it is reused when valid and rebuilt (with `workers`
-    processes, default min(2, cpu count)) when anything changed. Under DDP let rank 0 call this first.
-    """
-    data_dir, cfg = Path(data_dir), cfg or DataConfig()
-    if split not in SPLITS:
-        raise DataError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
-    if cfg.cache_dtype not in ("float16", "float32"):
-        raise ValueError(f"DataConfig.cache_dtype must be float16 or float32, not {cfg.cache_dtype!r}")
-    layout = detect_layout(data_dir)
-    spatial_dims = 2 if layout == "2d" else 3
-    if layout == "2d":
-        pairs = find_pairs(data_dir, split)
-    else:
-        pairs = find_pairs(data_dir, None)
-        chosen = set(_split_keys(data_dir, pairs, split_file, seed, cfg.split_ratios)[split])
-        pairs = [p for p in pairs if p.key in chosen]
-        if not pairs:
-            raise DataError(f"{data_dir}: the {split} split is empty (split file {split_file}); too few patients?")
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if root.resolve().is_relative_to(data_dir.resolve()):
-        raise DataError(f"cache folder {root} is inside the data folder {data_dir}; choose another --cache-dir")
-    key = _cache_key(pairs, cfg, spatial_dims)
-    folder = root / f"{layout}-{split}-{key[:16]}"
-    cases = _group_cases(pairs)
-    manifest = _valid_cache(folder, key)
-    if manifest is not None:
-        log.info("%s layout, %s split: reusing the cache %s (%d scans)", layout, split, folder, len(cases))
-    else:
-        started = time.perf_counter()
-        workers = workers if workers is not None else min(2, os.cpu_count() or 1)
-        log.info("%s layout, %s split: decoding %d files into the cache %s", layout, split, len(pairs), folder)
-        manifest = _build_cache(folder, key, cases, spatial_dims, cfg, data_dir, workers)
-        log.info("%s split: cache built in %.1f s", split, time.perf_counter() - started)
-        _prune_stale(root, folder, manifest)
-    return _open_cache(folder, manifest, cases, spatial_dims)
-
-
-def _open_cache(folder: Path, manifest: dict, cases: list[list[Pair]], spatial_dims: int) -> CaseSet:
-    entries = manifest["cases"]
-    return CaseSet(
-        spatial_dims=spatial_dims,
-        keys=[e["key"] for e in entries],
-        # Copy-on-write maps: writable for torch.from_numpy, yet a write never reaches the cache files.
-        images=[np.load(folder / e["image"], mmap_mode="c") for e in entries],
-        labels=[np.load(folder / e["label"], mmap_mode="c") if e["label"] else None for e in entries],
-        spacings=[tuple(e["spacing"]) for e in entries],
-        original_shapes=[tuple(e["original_shape"]) for e in entries],
-        sources=cases,
-        class_counts=[np.asarray(e["class_counts"], dtype=np.int64) for e in entries],
-        cache_path=folder,
-    )
 
 
 # ---------------------------------------------------------------- check CLI

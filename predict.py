@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import augment
+import cache
 import dataset
 import inference
 import report
@@ -182,7 +183,7 @@ def evaluate_split(predictor: Predictor, args: argparse.Namespace, out: Path) ->
         if not split_file.is_file():
             raise dataset.DataError(f"{split_file}: no split file. 3D splits are drawn at training time; pass the "
                                     f"run's split.json with --split-file so the test patients are the held-out ones")
-    cases = dataset.load_split(args.data_dir, args.split, predictor.data_config, cache_dir=args.cache_dir,
+    cases = cache.load_split(args.data_dir, args.split, predictor.data_config, cache_dir=args.cache_dir,
                                split_file=split_file)
     if predictor.spatial_dims != cases.spatial_dims:
         raise InputError(f"{args.checkpoint} holds a {predictor.spatial_dims}D model but {args.data_dir} is a "
@@ -204,7 +205,7 @@ def evaluate_split(predictor: Predictor, args: argparse.Namespace, out: Path) ->
     return summary
 
 
-def original_labels(cases: dataset.CaseSet, index: int) -> np.ndarray:
+def original_labels(cases: cache.CaseSet, index: int) -> np.ndarray:
     """The case's labels at the resolution of its files (2D slices resized for training are read again)."""
     label = cases.labels[index]
     if label is not None and tuple(label.shape) == tuple(cases.original_shapes[index]):
@@ -212,7 +213,7 @@ def original_labels(cases: dataset.CaseSet, index: int) -> np.ndarray:
     return np.stack([dataset.read_label(pair.label, cases.spatial_dims) for pair in cases.sources[index]])
 
 
-def display_image(cases: dataset.CaseSet, index: int) -> np.ndarray:
+def display_image(cases: cache.CaseSet, index: int) -> np.ndarray:
     """The normalised image at the original resolution, for overlays."""
     image = np.asarray(cases.images[index], dtype=np.float32)
     shape = tuple(cases.original_shapes[index])

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from augment import AugmentConfig, augment_batch
-from dataset import CaseSet, DataError, load_split
+from cache import CaseSet, load_split
+from dataset import DataError
 from utils import NUM_CLASSES
 
 __all__ = ["DeviceBatchSource", "SliceDataset", "measure_read_speed"]

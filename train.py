@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import cache
 import dataset
 import inference
 import losses
@@ -44,7 +45,7 @@ def resolve_config(cfg: TrainConfig, overrides: dict) -> TrainConfig:
                              f"Drop them, or start a new run with another --out.")
         return replace(saved, **{k: v for k, v in overrides.items() if k in RESUME_MAY_CHANGE})
     if cfg.data_dir is None:
-        cfg = replace(cfg, data_dir=str(dataset.default_phantom(cfg.cache_dir, "3d" if cfg.dims == 3 else "2d",
+        cfg = replace(cfg, data_dir=str(cache.default_phantom(cfg.cache_dir, "3d" if cfg.dims == 3 else "2d",
                                                                 cfg.seed)))
     layout_dims = 2 if dataset.detect_layout(cfg.data_dir) == "2d" else 3
     if cfg.dims is not None and cfg.dims != layout_dims:
@@ -128,7 +129,7 @@ def _cosine_between(first: float, last: float, fraction: float) -> float:
     return last + (first - last) * (1 + math.cos(math.pi * fraction)) / 2
 
 
-def class_weights(cfg: TrainConfig, train_cases: dataset.CaseSet) -> list[float]:
+def class_weights(cfg: TrainConfig, train_cases: cache.CaseSet) -> list[float]:
     """Dice class weights from --class-weights: default ([1..6]/21), inverse frequency, none (uniform), or six."""
     if cfg.class_weights == "none":
         return [1.0] * utils.NUM_CLASSES
@@ -162,7 +163,7 @@ class Run:
     scaler: torch.amp.GradScaler
     loss_fn: torch.nn.Module
     source: sampling.DeviceBatchSource
-    val_cases: dataset.CaseSet
+    val_cases: cache.CaseSet
     total_steps: int
     counters: dict  # epoch (completed), step, best_dice, best_epoch, history, train_seconds, bad_steps
     started: float = 0.0
@@ -197,9 +198,9 @@ def build_run(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
     split_file = run_dir / "split.json" if cfg.dims == 3 else None
     if not ranks.is_main:
         barrier(ranks)  # rank 0 builds the cache (and split.json) first; the others then read it
-    train_cases = dataset.load_split(cfg.data_dir, "train", data_cfg, cache_dir=cfg.cache_dir, split_file=split_file,
+    train_cases = cache.load_split(cfg.data_dir, "train", data_cfg, cache_dir=cfg.cache_dir, split_file=split_file,
                                      seed=cfg.seed, workers=cfg.workers)
-    val_cases = dataset.load_split(cfg.data_dir, "validate", data_cfg, cache_dir=cfg.cache_dir, split_file=split_file,
+    val_cases = cache.load_split(cfg.data_dir, "validate", data_cfg, cache_dir=cfg.cache_dir, split_file=split_file,
                                    seed=cfg.seed, workers=cfg.workers)
     if ranks.is_main:
         barrier(ranks)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+import cache as cache_module  # `cache` is this file's cache-folder fixture
 import dataset
 import sampling
 from augment import AugmentConfig, augment_batch
@@ -192,7 +193,7 @@ def test_load_split_reports_shape_mismatch_with_both_files(tmp_path, cache):
     root = make_2d(tmp_path / "data")
     write_nifti(root / "keras_slices_seg_train" / "seg_005_week_0_slice_1.nii.gz", np.zeros((16, 9)))
     with pytest.raises(DataError) as err:
-        dataset.load_split(root, "train", SMALL, cache_dir=cache, workers=1)
+        cache_module.load_split(root, "train", SMALL, cache_dir=cache, workers=1)
     assert "case_005_week_0_slice_1.nii.gz" in str(err.value) and "seg_005_week_0_slice_1.nii.gz" in str(err.value)
     assert not [p for p in cache.iterdir() if not p.name.startswith(".")], "a failed build left a cache"
 
@@ -204,7 +205,7 @@ def test_load_split_lists_every_bad_file(tmp_path, cache):
     nan[1, 1] = np.inf
     write_nifti(root / "keras_slices_train" / "case_005_week_0_slice_0.nii.gz", nan)
     with pytest.raises(DataError) as err:
-        dataset.load_split(root, "train", SMALL, cache_dir=cache, workers=2)
+        cache_module.load_split(root, "train", SMALL, cache_dir=cache, workers=2)
     assert "2 scan(s)" in str(err.value)
     assert "case_004_week_1_slice_2.nii.gz" in str(err.value) and "case_005_week_0_slice_0.nii.gz" in str(err.value)
 
@@ -226,7 +227,7 @@ def test_2d_load_split_stacks_slices_resizes_and_keeps_geometry(tmp_path, cache)
             image, label = random_pair(rng, shape)
             write_nifti(root / "keras_slices_train" / f"case_{case}_week_1_slice_{s}.nii.gz", image)
             write_nifti(root / "keras_slices_seg_train" / f"seg_{case}_week_1_slice_{s}.nii.gz", label)
-    cases = dataset.load_split(root, "train", DataConfig(), cache_dir=cache, workers=1)
+    cases = cache_module.load_split(root, "train", DataConfig(), cache_dir=cache, workers=1)
     assert cases.keys == ["case_004_week_1", "case_019_week_1"]
     assert [im.shape for im in cases.images] == [(2, 256, 128)] * 2
     assert cases.original_shapes == [(2, 256, 128), (2, 256, 144)]
@@ -252,7 +253,7 @@ def write_uneven_slices(root: Path, rng) -> None:
 
 def test_2d_slices_are_z_scored_one_by_one(tmp_path, cache):
     write_uneven_slices(tmp_path / "data", np.random.default_rng(3))
-    cases = dataset.load_split(tmp_path / "data", "train", SMALL, cache_dir=cache, workers=1)
+    cases = cache_module.load_split(tmp_path / "data", "train", SMALL, cache_dir=cache, workers=1)
     cached = np.asarray(cases.images[0], np.float32)
     assert cached.shape == (3, 16, 8)
     np.testing.assert_allclose(cached.mean(axis=(1, 2)), 0, atol=2e-3)
@@ -268,9 +269,9 @@ def test_a_file_preprocessed_alone_equals_its_cached_image(tmp_path, cache, spat
     root = tmp_path / "data"
     if spatial_dims == 2:
         write_uneven_slices(root, np.random.default_rng(4))
-        cases = dataset.load_split(root, "train", SMALL, cache_dir=cache, workers=1)
+        cases = cache_module.load_split(root, "train", SMALL, cache_dir=cache, workers=1)
     else:
-        cases = dataset.load_split(make_3d(root), "train", SMALL, cache_dir=cache, workers=1)
+        cases = cache_module.load_split(make_3d(root), "train", SMALL, cache_dir=cache, workers=1)
     for image, pairs in zip(cases.images, cases.sources):
         for index, pair in enumerate(pairs):
             alone = dataset.read_image(pair.image, spatial_dims)[0]
@@ -290,18 +291,18 @@ def test_resize_matches_torch_bilinear():
 def test_cache_reused_then_rebuilt_when_a_file_changes(tmp_path, cache, caplog):
     caplog.set_level(logging.INFO, logger="hipmri.dataset")
     root = make_2d(tmp_path / "data")
-    first = dataset.load_split(root, "train", SMALL, cache_dir=cache, workers=1)
-    again = dataset.load_split(root, "train", SMALL, cache_dir=cache, workers=1)
+    first = cache_module.load_split(root, "train", SMALL, cache_dir=cache, workers=1)
+    again = cache_module.load_split(root, "train", SMALL, cache_dir=cache, workers=1)
     assert again.cache_path == first.cache_path and "reusing the cache" in caplog.text
     np.testing.assert_array_equal(again.images[2], first.images[2])
     changed = root / "keras_slices_train" / "case_005_week_0_slice_1.nii.gz"
     stat = changed.stat()
     write_nifti(changed, np.full((16, 8), 5.0))
     os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    rebuilt = dataset.load_split(root, "train", SMALL, cache_dir=cache, workers=1)
+    rebuilt = cache_module.load_split(root, "train", SMALL, cache_dir=cache, workers=1)
     assert rebuilt.cache_path != first.cache_path and not first.cache_path.exists()
     assert np.ptp(rebuilt.images[2][1]) == 0 and np.ptp(first.images[2][1]) > 0  # the new slice is constant
-    other = dataset.load_split(root, "train", DataConfig(target_size_2d=(16, 8), cache_dtype="float32"),
+    other = cache_module.load_split(root, "train", DataConfig(target_size_2d=(16, 8), cache_dtype="float32"),
                                cache_dir=cache, workers=1)
     assert other.cache_path != rebuilt.cache_path and other.images[0].dtype == np.float32
     assert rebuilt.cache_path.exists(), "a cache with other settings is not outdated and must stay"
@@ -309,7 +310,7 @@ def test_cache_reused_then_rebuilt_when_a_file_changes(tmp_path, cache, caplog):
 
 def test_killed_build_leaves_nothing_that_looks_valid(tmp_path, cache, monkeypatch):
     root = make_2d(tmp_path / "data")
-    real = dataset._build_case
+    real = cache_module._build_case
     calls = []
 
     def dies_on_second(task):
@@ -318,18 +319,18 @@ def test_killed_build_leaves_nothing_that_looks_valid(tmp_path, cache, monkeypat
             raise KeyboardInterrupt
         return real(task)
 
-    monkeypatch.setattr(dataset, "_build_case", dies_on_second)
+    monkeypatch.setattr(cache_module, "_build_case", dies_on_second)
     with pytest.raises(KeyboardInterrupt):
-        dataset.load_split(root, "train", SMALL, cache_dir=cache, workers=1)
+        cache_module.load_split(root, "train", SMALL, cache_dir=cache, workers=1)
     assert list(cache.iterdir()) == []
-    monkeypatch.setattr(dataset, "_build_case", real)
-    assert len(dataset.load_split(root, "train", SMALL, cache_dir=cache, workers=1)) == 3
+    monkeypatch.setattr(cache_module, "_build_case", real)
+    assert len(cache_module.load_split(root, "train", SMALL, cache_dir=cache, workers=1)) == 3
 
 
 def test_cache_never_inside_the_data_folder(tmp_path):
     root = make_2d(tmp_path)
     with pytest.raises(DataError, match="inside the data folder"):
-        dataset.load_split(root, "train", SMALL, cache_dir=root / "cache", workers=1)
+        cache_module.load_split(root, "train", SMALL, cache_dir=root / "cache", workers=1)
 
 
 # ---------------------------------------------------------------- 3D split
@@ -355,11 +356,11 @@ def test_patient_split_is_disjoint_stable_and_seeded(tmp_path):
 def test_3d_load_split_saves_and_reuses_split_file(tmp_path, cache):
     root = make_3d(tmp_path / "data", patients=("004", "005", "006", "007"))
     split_file = tmp_path / "run" / "split.json"
-    train = dataset.load_split(root, "train", cache_dir=cache, split_file=split_file, seed=3, workers=1)
+    train = cache_module.load_split(root, "train", cache_dir=cache, split_file=split_file, seed=3, workers=1)
     saved = dataset.load_split_file(split_file)
     assert train.keys == saved["train"] and train.spatial_dims == 3
     assert train.images[0].shape == (16, 16, 8) and train.spacings[0] == ZOOMS
-    test = dataset.load_split(root, "test", cache_dir=cache, split_file=split_file, seed=99, workers=1)
+    test = cache_module.load_split(root, "test", cache_dir=cache, split_file=split_file, seed=99, workers=1)
     assert test.keys == saved["test"]  # the saved split wins over a new seed
     assert not {k[5:8] for k in test.keys} & {k[5:8] for k in train.keys}
 
@@ -367,9 +368,9 @@ def test_3d_load_split_saves_and_reuses_split_file(tmp_path, cache):
 # ---------------------------------------------------------------- batches
 
 
-def hand_caseset(images, labels, spatial_dims) -> dataset.CaseSet:
+def hand_caseset(images, labels, spatial_dims) -> cache_module.CaseSet:
     n = len(images)
-    return dataset.CaseSet(spatial_dims, [f"c{i}" for i in range(n)], images, labels, [(1.0, 1.0, 1.0)] * n,
+    return cache_module.CaseSet(spatial_dims, [f"c{i}" for i in range(n)], images, labels, [(1.0, 1.0, 1.0)] * n,
                            [im.shape for im in images], [[] for _ in range(n)])
 
 
@@ -552,7 +553,7 @@ def test_phantom_2d_loads_with_its_quirks(phantom_2d_dir, tmp_path, capsys):
     assert dataset.main(["check", str(phantom_2d_dir), "--workers", "2"]) == 0
     out = capsys.readouterr().out
     assert "(256, 128, 1) x60" in out and "(256, 144) x60" in out  # both quirks seen and accepted
-    splits = {s: dataset.load_split(phantom_2d_dir, s, cache_dir=tmp_path, workers=2) for s in dataset.SPLITS}
+    splits = {s: cache_module.load_split(phantom_2d_dir, s, cache_dir=tmp_path, workers=2) for s in dataset.SPLITS}
     assert {s: len(c) for s, c in splits.items()} == {"train": 2, "validate": 1, "test": 1}
     found = {key: (cases, i) for cases in splits.values() for i, key in enumerate(cases.keys)}
     odd, i = found["case_005_week_0"]
@@ -569,7 +570,7 @@ def test_phantom_2d_loads_with_its_quirks(phantom_2d_dir, tmp_path, capsys):
 
 def test_phantom_3d_split_patches_and_check(phantom_3d_dir, tmp_path):
     assert dataset.main(["check", str(phantom_3d_dir), "--workers", "2"]) == 0
-    train = dataset.load_split(phantom_3d_dir, "train", cache_dir=tmp_path / "cache",
+    train = cache_module.load_split(phantom_3d_dir, "train", cache_dir=tmp_path / "cache",
                                split_file=tmp_path / "split.json", workers=2)
     assert len(train) == 1 and train.spacings[0] == (1.5625, 1.5625, 2.5)
     source = sampling.DeviceBatchSource(train, batch_size=2, patch_size=(128, 128, 64), steps_per_epoch=30, seed=1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import dataset
+import cache
 import inference
 import predict
 import train
@@ -35,7 +35,7 @@ def run_3d(phantom_3d_small_dir, tmp_path_factory):
 
 def _oracle(monkeypatch, data_dir, split, cache_dir, make_probs):
     """Replace the network by a function of the case's own label, found by matching the image."""
-    cases = dataset.load_split(data_dir, split, cache_dir=cache_dir)
+    cases = cache.load_split(data_dir, split, cache_dir=cache_dir)
     by_image = {np.asarray(image).tobytes(): np.asarray(label) for image, label in zip(cases.images, cases.labels)}
 
     def fake_predict_case(model, image, spatial_dims, **kwargs):

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import cache  # noqa: E402
 import dataset  # noqa: E402
 import inference  # noqa: E402
 import sampling  # noqa: E402
@@ -48,15 +49,15 @@ PROSTATE_MARGIN = 0.05  # the bar: ours beats the peer in every foreground class
 # ---------------------------------------------------------------- data and model
 
 
-def load_data(data_dir: Path, cache_dir: str | None, seed: int) -> tuple[dataset.CaseSet, dataset.CaseSet]:
+def load_data(data_dir: Path, cache_dir: str | None, seed: int) -> tuple[cache.CaseSet, cache.CaseSet]:
     """The 2D train and validate splits, preprocessed and cached exactly as train.py loads them."""
     if dataset.detect_layout(data_dir) != "2d":
         raise SystemExit(f"{data_dir} holds the 3D layout; the peer recipe is the 2D comparison of issue 5")
-    return tuple(dataset.load_split(data_dir, split, dataset.DataConfig(), cache_dir=cache_dir, seed=seed)
+    return tuple(cache.load_split(data_dir, split, dataset.DataConfig(), cache_dir=cache_dir, seed=seed)
                  for split in ("train", "validate"))
 
 
-def make_loader(cases: dataset.CaseSet, seed: int) -> torch.utils.data.DataLoader:
+def make_loader(cases: cache.CaseSet, seed: int) -> torch.utils.data.DataLoader:
     """Plain shuffled batches of (image float32 (B, 1, H, W), label int64 (B, H, W)), seeded, in-process."""
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(sampling.SliceDataset(cases), batch_size=PEER_BATCH_SIZE, shuffle=True,
@@ -131,12 +132,12 @@ def train_one_epoch(model: torch.nn.Module, loader: torch.utils.data.DataLoader,
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, cases: dataset.CaseSet, loss_fn: torch.nn.Module) -> dict:
+def evaluate(model: torch.nn.Module, cases: cache.CaseSet, loss_fn: torch.nn.Module) -> dict:
     """Our metric, exactly as train.py computes it (inference.validate_cases)."""
     return inference.validate_cases(model, cases.images, cases.labels, 2, loss_fn, batch_size=2 * PEER_BATCH_SIZE)
 
 
-def fit(model: torch.nn.Module, loader: torch.utils.data.DataLoader, val_cases: dataset.CaseSet,
+def fit(model: torch.nn.Module, loader: torch.utils.data.DataLoader, val_cases: cache.CaseSet,
         args: argparse.Namespace) -> tuple[list[dict], dict]:
     """Epochs until the budget (or --max-epochs) is spent, validating after each; the history and totals."""
     optimizer = torch.optim.Adam(model.parameters(), lr=PEER_LR)
@@ -254,7 +255,7 @@ def run_peer(args: argparse.Namespace) -> int:
     utils.setup_logging(log_file=out / "peer.log")
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.data_dir = args.data_dir or dataset.default_phantom(args.cache_dir, "2d", args.seed)
+    args.data_dir = args.data_dir or cache.default_phantom(args.cache_dir, "2d", args.seed)
     utils.seed_everything(args.seed)
     train_cases, val_cases = load_data(Path(args.data_dir), args.cache_dir, args.seed)
     loader = make_loader(train_cases, args.seed)
