@@ -138,7 +138,9 @@ def _forward_probs(
         with _autocast(x.device, amp_dtype):
             logits = model(_format_input(x.flip(dims) if dims else x, memory_format))
         _check_logits(logits, x)
-        probs = torch.softmax(logits, dim=1, dtype=torch.float32)
+        # Contiguous first: a softmax over the channels of a channels-last tensor, and adding it into the
+        # contiguous output, are strided and slower than this copy.
+        probs = torch.softmax(logits.contiguous(), dim=1, dtype=torch.float32)
         if dims:
             probs = probs.flip(dims)
         total = probs if total is None else total.add_(probs)

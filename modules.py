@@ -26,11 +26,14 @@ from utils import channels_last_format
 class _ChannelsLastInstanceNorm:
     """Instance norm that keeps channels-last inputs channels-last. torch's instance norm views (B, C, *S) as
     (1, B*C, *S), which a channels-last tensor is not, so it copies to contiguous and back (30% of a 3D training
-    step here); batch norm over each sample alone is the same arithmetic on the tensor as it lies."""
+    step here). The same arithmetic on the tensor as it lies: batch norm over each sample alone when training;
+    group norm with one group per channel without gradients (half the time, but its backward is 10x slower)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_contiguous() or self.track_running_stats or x.ndim != self._get_no_batch_dim() + 1:
             return super().forward(x)
+        if not torch.is_grad_enabled():
+            return F.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
         return torch.cat([F.batch_norm(sample, None, None, self.weight, self.bias, True, 0.0, self.eps)
                           for sample in x.split(1)])
 

@@ -215,6 +215,10 @@ def test_instance_norm_on_channels_last_matches_torch_and_stays_channels_last(sp
     torch.testing.assert_close(x_ours.grad, x_ref.grad)
     torch.testing.assert_close(ours.weight.grad, reference.weight.grad)
     assert y_ours.is_contiguous(memory_format=memory_format)
+    with torch.no_grad():  # inference takes another path (group norm)
+        y_inference = ours(x)
+    torch.testing.assert_close(y_inference, y_ref.detach())
+    assert y_inference.is_contiguous(memory_format=memory_format)
 
 
 def test_checkpoints_of_the_convtranspose_unet_still_load():
