@@ -46,7 +46,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast where native (CPU with AVX512-BF16/AMX, Ampere+ GPUs), else fp16 + GradScaler
     channels_last: bool = True  # NHWC/NDHWC memory format (faster convolutions)
     compile: bool = False  # torch.compile the model
-    keep_freed_memory: bool = True  # CPU (glibc): reuse freed memory instead of faulting it in again; 1.5x peak RSS
+    keep_freed_memory: bool = True  # CPU (glibc): reuse freed memory, not fault it in again; up to 1.6x peak RSS
     accumulate: int = 1  # gradient accumulation steps
     clip_grad: float = 1.0  # max gradient norm, applied after unscaling
     val_every: int = 1  # validate every N epochs (and always at the end)

@@ -346,7 +346,6 @@ def parallel_map(function: Callable, tasks: list, workers: int, desc: str, unit:
                         disable=None, leave=False)
 
 
-
 # ---------------------------------------------------------------- splits (3D)
 
 
@@ -391,7 +390,7 @@ def load_split_file(path: str | Path) -> dict[str, list[str]]:
 
 
 def split_keys(data_dir: Path, pairs: list[Pair], split_file: Path | None, seed: int,
-                ratios: Sequence[float]) -> dict[str, list[str]]:
+               ratios: Sequence[float]) -> dict[str, list[str]]:
     if split_file is not None and Path(split_file).exists():
         splits = load_split_file(split_file)
         log.info("using the patient split saved in %s", split_file)

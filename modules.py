@@ -14,6 +14,7 @@ The model returns logits; the softmax belongs to the loss and to inference, neve
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -30,8 +31,9 @@ class _ChannelsLastInstanceNorm:
     group norm with one group per channel without gradients (half the time, but its backward is 10x slower)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_contiguous() or self.track_running_stats or x.ndim != self._get_no_batch_dim() + 1:
-            return super().forward(x)
+        if (x.device.type != "cpu" or x.is_contiguous() or self.track_running_stats
+                or x.ndim != self._get_no_batch_dim() + 1):
+            return super().forward(x)  # measured on CPUs only; cuDNN has its own channels-last kernels
         if not torch.is_grad_enabled():
             return F.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
         return torch.cat([F.batch_norm(sample, None, None, self.weight, self.bias, True, 0.0, self.eps)
@@ -60,7 +62,14 @@ class UpConv(nn.Module):
         _layers(spatial_dims)  # checks spatial_dims
         self.spatial_dims = spatial_dims
         self.weight = nn.Parameter(torch.empty(in_channels, out_channels, *[2] * spatial_dims))
-        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.bias = nn.Parameter(torch.empty(out_channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """ConvTranspose's own default initialisation (UNet replaces it with init_weights)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(nn.init._calculate_fan_in_and_fan_out(self.weight)[0])
+        nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d, (batch, _, *size), out = self.spatial_dims, x.shape, self.weight.shape[1]

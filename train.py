@@ -406,8 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             out.mkdir(parents=True, exist_ok=True)
             utils.setup_logging(cfg.verbose, ranks.rank, log_file=out / "train.log")
             utils.write_json(out / "config.json", asdict(cfg))
-        if cfg.keep_freed_memory:
-            utils.keep_freed_memory(device)
+        if cfg.keep_freed_memory and utils.keep_freed_memory(device):
+            log.debug("keeping freed CPU memory for reuse (--no-keep-freed-memory turns it off)")
         run = build_run(cfg, ranks, device)
         if cfg.resume:
             restore(run, out / "last.pt")

@@ -46,3 +46,13 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _glibc_allocator_left_alone(monkeypatch):
+    """train.py's, predict.py's and bench.py's main() run inside the pytest process in some tests, and
+    utils.keep_freed_memory would change the allocator of the whole process for good: keep it a no-op here.
+    test_utils checks the real one in subprocesses."""
+    import utils
+
+    monkeypatch.setattr(utils, "keep_freed_memory", lambda device: False)

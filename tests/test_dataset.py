@@ -289,7 +289,7 @@ def test_resize_matches_torch_bilinear():
 
 
 def test_cache_reused_then_rebuilt_when_a_file_changes(tmp_path, cache, caplog):
-    caplog.set_level(logging.INFO, logger="hipmri.dataset")
+    caplog.set_level(logging.INFO, logger="hipmri.cache")
     root = make_2d(tmp_path / "data")
     first = cache_module.load_split(root, "train", SMALL, cache_dir=cache, workers=1)
     again = cache_module.load_split(root, "train", SMALL, cache_dir=cache, workers=1)
