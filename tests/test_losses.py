@@ -219,3 +219,34 @@ def test_bad_configuration_raises():
         losses.DiceLoss(C, class_weights=[1, 2, 3])
     with pytest.raises(ValueError, match="sum to zero"):
         losses.DiceLoss(C, class_weights=[1, 0, 0, 0, 0, 0], include_background=False)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["2d", "3d"])
+@pytest.mark.parametrize("batch_dice", [True, False])
+@pytest.mark.parametrize("include_background", [True, False])
+@pytest.mark.parametrize("weighted_ce", [False, True])
+def test_dice_ce_written_out_gradient_matches_autograd(shape, batch_dice, include_background, weighted_ce):
+    """DiceCELoss.forward computes its gradient by hand; it must equal autograd through DiceLoss + CE."""
+    target = random_target(shape)
+    target[1][target[1] == 4] = 2  # a class absent from one sample
+    loss = losses.make_loss("dicece", C, class_weights=[0.5, 1, 2, 3, 1, 4], weighted_ce=weighted_ce,
+                            include_background=include_background, batch_dice=batch_dice, lambda_dice=0.7,
+                            lambda_ce=1.3)
+    logits = 3 * torch.randn(shape[0], C, *shape[1:])
+    ours, reference = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    value, expected = loss(ours, target), loss.composed(reference, target)
+    (2.5 * value).backward()
+    (2.5 * expected).backward()
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_dice_ce_gradient_keeps_dtype_and_channels_last():
+    target = random_target((2, 16, 8))
+    logits = torch.randn(2, C, 16, 8).bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_()
+    loss = losses.make_loss("dicece", C)
+    loss(logits, target).backward()
+    reference = logits.detach().clone().requires_grad_()
+    loss.composed(reference, target).backward()
+    assert logits.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.grad.float(), reference.grad.float(), rtol=2e-2, atol=1e-4)
