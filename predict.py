@@ -184,7 +184,7 @@ def evaluate_split(predictor: Predictor, args: argparse.Namespace, out: Path) ->
             raise dataset.DataError(f"{split_file}: no split file. 3D splits are drawn at training time; pass the "
                                     f"run's split.json with --split-file so the test patients are the held-out ones")
     cases = cache.load_split(args.data_dir, args.split, predictor.data_config, cache_dir=args.cache_dir,
-                               split_file=split_file)
+                             split_file=split_file)
     if predictor.spatial_dims != cases.spatial_dims:
         raise InputError(f"{args.checkpoint} holds a {predictor.spatial_dims}D model but {args.data_dir} is a "
                          f"{cases.spatial_dims}D layout")

@@ -46,7 +46,7 @@ def resolve_config(cfg: TrainConfig, overrides: dict) -> TrainConfig:
         return replace(saved, **{k: v for k, v in overrides.items() if k in RESUME_MAY_CHANGE})
     if cfg.data_dir is None:
         cfg = replace(cfg, data_dir=str(cache.default_phantom(cfg.cache_dir, "3d" if cfg.dims == 3 else "2d",
-                                                                cfg.seed)))
+                                                              cfg.seed)))
     layout_dims = 2 if dataset.detect_layout(cfg.data_dir) == "2d" else 3
     if cfg.dims is not None and cfg.dims != layout_dims:
         raise SystemExit(f"--dims {cfg.dims} does not match the {layout_dims}D layout found in {cfg.data_dir}")
@@ -199,9 +199,9 @@ def build_run(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
     if not ranks.is_main:
         barrier(ranks)  # rank 0 builds the cache (and split.json) first; the others then read it
     train_cases = cache.load_split(cfg.data_dir, "train", data_cfg, cache_dir=cfg.cache_dir, split_file=split_file,
-                                     seed=cfg.seed, workers=cfg.workers)
-    val_cases = cache.load_split(cfg.data_dir, "validate", data_cfg, cache_dir=cfg.cache_dir, split_file=split_file,
                                    seed=cfg.seed, workers=cfg.workers)
+    val_cases = cache.load_split(cfg.data_dir, "validate", data_cfg, cache_dir=cfg.cache_dir, split_file=split_file,
+                                 seed=cfg.seed, workers=cfg.workers)
     if ranks.is_main:
         barrier(ranks)
     augment = AugmentConfig() if cfg.augment else None

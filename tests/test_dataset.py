@@ -303,7 +303,7 @@ def test_cache_reused_then_rebuilt_when_a_file_changes(tmp_path, cache, caplog):
     assert rebuilt.cache_path != first.cache_path and not first.cache_path.exists()
     assert np.ptp(rebuilt.images[2][1]) == 0 and np.ptp(first.images[2][1]) > 0  # the new slice is constant
     other = cache_module.load_split(root, "train", DataConfig(target_size_2d=(16, 8), cache_dtype="float32"),
-                               cache_dir=cache, workers=1)
+                                    cache_dir=cache, workers=1)
     assert other.cache_path != rebuilt.cache_path and other.images[0].dtype == np.float32
     assert rebuilt.cache_path.exists(), "a cache with other settings is not outdated and must stay"
 
@@ -571,7 +571,7 @@ def test_phantom_2d_loads_with_its_quirks(phantom_2d_dir, tmp_path, capsys):
 def test_phantom_3d_split_patches_and_check(phantom_3d_dir, tmp_path):
     assert dataset.main(["check", str(phantom_3d_dir), "--workers", "2"]) == 0
     train = cache_module.load_split(phantom_3d_dir, "train", cache_dir=tmp_path / "cache",
-                               split_file=tmp_path / "split.json", workers=2)
+                                    split_file=tmp_path / "split.json", workers=2)
     assert len(train) == 1 and train.spacings[0] == (1.5625, 1.5625, 2.5)
     source = sampling.DeviceBatchSource(train, batch_size=2, patch_size=(128, 128, 64), steps_per_epoch=30, seed=1)
     labels = torch.cat([label for _, label in source.epoch(0)])
