@@ -39,9 +39,9 @@ from tqdm import tqdm
 
 from utils import NUM_CLASSES, setup_logging, write_json
 
-__all__ = ["DataConfig", "DataError", "Pair", "detect_layout", "find_pairs", "load_split_file", "main", "normalise",
-           "preprocess_image", "read_image", "read_label", "resize_slices", "save_split", "split_by_patient",
-           "voxel_spacing"]
+__all__ = ["DataConfig", "DataError", "Pair", "detect_layout", "find_pairs", "geometry_mismatch", "load_split_file",
+           "main", "normalise", "preprocess_image", "read_image", "read_label", "resize_slices", "save_split",
+           "split_by_patient", "voxel_spacing"]
 
 log = logging.getLogger("hipmri.dataset")
 
@@ -266,6 +266,37 @@ def voxel_spacing(img: nib.Nifti1Image) -> tuple[tuple[float, float, float], boo
         third = round(float(np.linalg.norm(img.affine[:3, 2])), 6)
         return (zooms[0], zooms[1], third if third > 0 else 1.0), third <= 0
     return (zooms[0], zooms[1], 1.0), True
+
+
+# Tolerances for `geometry_mismatch`, in mm (the real pairs agree exactly; float32 headers carry ~1e-5 noise).
+SPACING_TOLERANCE_MM = 1e-3
+ORIGIN_TOLERANCE_MM = 1e-2
+
+
+def geometry_mismatch(image: nib.spatialimages.SpatialImage, label: nib.spatialimages.SpatialImage) -> str:
+    """How a label file's geometry differs from its image's, or "" when they overlay voxel for voxel.
+
+    Compares, from the two affines (nibabel's voxel -> world mm): orientation codes (`nib.aff2axcodes`, e.g. LPS),
+    voxel spacing (column norms, within SPACING_TOLERANCE_MM) and origin (within ORIGIN_TOLERANCE_MM), as
+    nnU-Net's dataset integrity check compares origin, spacing and direction. The array shapes are compared
+    elsewhere (after trailing singleton axes are dropped). Example: a label re-exported mirrored along x with
+    its affine adjusted overlays in a viewer but trains mirrored; it gives "label orientation RPS, image LPS; ...".
+    """
+    a, b = np.asarray(image.affine, dtype=np.float64), np.asarray(label.affine, dtype=np.float64)
+    problems = []
+    codes_a, codes_b = "".join(nib.aff2axcodes(a)), "".join(nib.aff2axcodes(b))
+    if codes_a != codes_b:
+        problems.append(f"label orientation {codes_b}, image {codes_a}")
+    spacing_a, spacing_b = np.linalg.norm(a[:3, :3], axis=0), np.linalg.norm(b[:3, :3], axis=0)
+    if not np.allclose(spacing_a, spacing_b, rtol=0, atol=SPACING_TOLERANCE_MM):
+        problems.append(f"label spacing {' x '.join(f'{s:.4g}' for s in spacing_b)} mm, image "
+                        f"{' x '.join(f'{s:.4g}' for s in spacing_a)} mm")
+    if not np.allclose(a[:3, 3], b[:3, 3], rtol=0, atol=ORIGIN_TOLERANCE_MM):
+        problems.append(f"label origin ({', '.join(f'{v:.2f}' for v in b[:3, 3])}) mm, image "
+                        f"({', '.join(f'{v:.2f}' for v in a[:3, 3])}) mm")
+    if not problems and not np.allclose(a[:3, :3] / spacing_a, b[:3, :3] / spacing_b, rtol=0, atol=1e-4):
+        problems.append("label and image axes point in different directions (same orientation codes, oblique)")
+    return "; ".join(problems)
 
 
 def normalise(image: np.ndarray, clip_percentiles: tuple[float, float] | None = (0.5, 99.5),
