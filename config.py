@@ -12,10 +12,14 @@ from dataclasses import dataclass, fields, replace
 
 from utils import NUM_CLASSES
 
-# Options that may differ from the saved config when resuming: they change how long or where the run
-# goes, not what it computes.
-RESUME_MAY_CHANGE = {"epochs", "max_minutes", "resume", "device", "workers", "cache_dir", "verbose", "val_every",
-                     "max_bad_steps", "keep_freed_memory"}
+# Options that may differ from the saved config when resuming: they change where the run reads and writes or
+# how long this invocation goes, not what it computes. --epochs and --max-minutes are not among them: they
+# define the learning-rate schedule (train longer with --init-from, a new run from a checkpoint's weights).
+# --out and --data-dir are where the run and its data are now (train.resolve_config checks the data is the same).
+RESUME_MAY_CHANGE = {"out", "data_dir", "resume", "session_minutes", "device", "workers", "cache_dir", "verbose",
+                     "val_every", "max_bad_steps", "keep_freed_memory"}
+# What --init-from takes from the checkpoint (the model it rebuilds); everything else starts anew.
+MODEL_FIELDS = ("dims", "features", "norm", "deep_supervision")
 
 
 CHOICES = {"dims": (2, 3), "scheduler": ("onecycle", "cosine", "poly"), "loss": ("dice", "ce", "dicece"),
@@ -28,7 +32,8 @@ class TrainConfig:
     dims: int | None = None  # 2 or 3; None takes it from the layout found in data_dir
     out: str = "runs/unet"  # run folder
     epochs: int = 40  # upper bound on epochs; --max-minutes may stop earlier
-    max_minutes: float | None = None  # wall-clock budget; the lr schedule then spans the budget
+    max_minutes: float | None = None  # training-time budget of the whole run (all resumes); the lr schedule spans it
+    session_minutes: float | None = None  # stop this invocation after M minutes (saving last.pt); schedule unchanged
     batch_size: int | None = None  # None: 8 in 2D (whole 256x128 slices), 2 in 3D (patches)
     lr: float = 3e-3  # peak learning rate of the one-cycle schedule
     weight_decay: float = 1e-4  # AdamW decoupled weight decay
@@ -55,7 +60,9 @@ class TrainConfig:
     device: str | None = None  # cpu | cuda | cuda:N ; None picks the best
     workers: int | None = None  # processes for building the cache
     cache_dir: str | None = None  # decoded data and the default phantom; default $HIPMRI_CACHE or ~/.cache/hipmri-seg
-    resume: bool = False  # continue from RUN/last.pt
+    resume: bool = False  # continue from RUN/last.pt (the run in --out, wherever it was trained)
+    init_from: str | None = None  # start a new run from this checkpoint's weights (fine-tune / train longer)
+    deterministic: bool = False  # deterministic algorithms (cuDNN, scatter): exact resume on GPU, somewhat slower
     verbose: bool = False  # debug logging
 
 
@@ -78,7 +85,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
             parser.add_argument(flag, type=int, nargs="+", metavar="N", help=help_text)
         else:
             kind = {"dims": int, "epochs": int, "batch_size": int, "steps_per_epoch": int, "workers": int,
-                    "max_minutes": float}.get(f.name, type(default) if default is not None else str)
+                    "max_minutes": float, "session_minutes": float}.get(f.name, type(default) if default is not None
+                                                                        else str)
             parser.add_argument(flag, type=kind, choices=CHOICES.get(f.name), help=help_text)
     return parser
 

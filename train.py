@@ -8,12 +8,16 @@ Outputs in RUN/: config.json, split.json (3D), metrics.csv, progress.png, last.p
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, replace
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,35 +30,89 @@ import losses
 import sampling
 import utils
 from augment import AugmentConfig
-from config import RESUME_MAY_CHANGE, TrainConfig, dims_defaults, model_args, parse_config
+from config import MODEL_FIELDS, RESUME_MAY_CHANGE, TrainConfig, dims_defaults, model_args, parse_config
 from modules import UNet, count_parameters
 
 log = logging.getLogger("hipmri.train")
 
 
 def resolve_config(cfg: TrainConfig, overrides: dict) -> TrainConfig:
-    """Fill what depends on the data: data_dir (phantom), dims, batch size; or restore a resumed run's config."""
-    run = Path(cfg.out)
+    """The run's config: a new run's (data_dir, dims and batch size filled in, paths made absolute), or a resumed
+    run's as saved, with what may change (RESUME_MAY_CHANGE) taken from the command line.
+
+    The run lives in --out as given now (a copied or moved run folder is resumed where it is, never where it was
+    trained), and a relative path is relative to where the user stands now. Raises SystemExit with what to do
+    for options that contradict the saved run, DataError for a data folder that is gone.
+    """
+    out = str(Path(cfg.out).resolve())
     if cfg.resume:
-        saved = TrainConfig(**_tuples(utils.load_checkpoint(run / "last.pt")["config"]))
-        clashes = {k: (v, getattr(saved, k)) for k, v in overrides.items()
-                   if k not in RESUME_MAY_CHANGE and k != "out" and v != getattr(saved, k)}
-        if clashes:
-            detail = ", ".join(f"--{k.replace('_', '-')} {new} (run has {old})" for k, (new, old) in clashes.items())
-            raise SystemExit(f"--resume: options contradict the config saved in {run / 'last.pt'}: {detail}. "
-                             f"Drop them, or start a new run with another --out.")
-        return replace(saved, **{k: v for k, v in overrides.items() if k in RESUME_MAY_CHANGE})
+        if cfg.init_from:
+            raise SystemExit("--resume continues RUN/last.pt; --init-from starts a new run: pass one of them")
+        saved = TrainConfig(**_tuples(utils.load_checkpoint(Path(out) / "last.pt")["config"]))
+        _refuse_clashes(saved, overrides, Path(out) / "last.pt")
+        resumed = replace(saved, out=out, **{k: v for k, v in overrides.items() if k in RESUME_MAY_CHANGE - {"out"}})
+        return replace(resumed, data_dir=_absolute(resumed.data_dir), cache_dir=_absolute(resumed.cache_dir))
+    if cfg.init_from:
+        cfg = _model_from_checkpoint(cfg, overrides)
     if cfg.data_dir is None:
         cfg = replace(cfg, data_dir=str(cache.default_phantom(cfg.cache_dir, "3d" if cfg.dims == 3 else "2d",
                                                               cfg.seed)))
     layout_dims = 2 if dataset.detect_layout(cfg.data_dir) == "2d" else 3
     if cfg.dims is not None and cfg.dims != layout_dims:
         raise SystemExit(f"--dims {cfg.dims} does not match the {layout_dims}D layout found in {cfg.data_dir}")
-    return dims_defaults(replace(cfg, dims=layout_dims))
+    return dims_defaults(replace(cfg, dims=layout_dims, out=out, data_dir=_absolute(cfg.data_dir),
+                                 cache_dir=_absolute(cfg.cache_dir), init_from=_absolute(cfg.init_from)))
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
+
+
+def _refuse_clashes(saved: TrainConfig, overrides: dict, checkpoint: Path) -> None:
+    """SystemExit for options that would change what a resumed run computes; the schedule gets its own advice."""
+    clashes = {k: (v, getattr(saved, k)) for k, v in overrides.items()
+               if k not in RESUME_MAY_CHANGE and v != getattr(saved, k)}
+    if not clashes:
+        return
+    detail = ", ".join(f"{_as_option(k, new)} (run has {old})" for k, (new, old) in clashes.items())
+    advice = "Drop them, or start a new run with another --out."
+    if clashes.keys() & {"epochs", "max_minutes"}:
+        advice = (f"--epochs and --max-minutes define this run's learning-rate schedule, so a resumed run keeps them. "
+                  f"To train longer, start a new run from its weights: --init-from {checkpoint.parent / 'best.pt'} "
+                  f"--out NEW_RUN --epochs N (a new schedule, warm-up included).")
+    raise SystemExit(f"--resume: options contradict the config saved in {checkpoint}: {detail}. {advice}")
+
+
+def _model_from_checkpoint(cfg: TrainConfig, overrides: dict) -> TrainConfig:
+    """--init-from: the model fields (MODEL_FIELDS) come from the checkpoint; an explicit other value is an error."""
+    saved = _tuples(utils.load_checkpoint(cfg.init_from)["config"])
+    clashes = [f"{_as_option(k, overrides[k])} (checkpoint has {saved[k]})" for k in MODEL_FIELDS
+               if k in overrides and overrides[k] != saved[k]]
+    if clashes:
+        raise SystemExit(f"--init-from {cfg.init_from}: the model must match the checkpoint's: {', '.join(clashes)}")
+    return replace(cfg, **{k: saved[k] for k in MODEL_FIELDS})
+
+
+def _as_option(name: str, value) -> str:
+    """How the user typed it: --features 8 16."""
+    shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+    return f"--{name.replace('_', '-')} {shown}"
 
 
 def _tuples(config: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+
+
+def data_fingerprint(*case_sets: cache.CaseSet) -> str:
+    """sha256 of the training data's file names and sizes (image and label folder/name): equal for the same files
+    wherever they are, so a run can be resumed on data that was moved or copied to another disk."""
+    digest = hashlib.sha256()
+    for cases in case_sets:
+        for pair in (p for scan in cases.sources for p in scan):
+            for path in (pair.image, pair.label):
+                if path is not None:
+                    digest.update(f"{path.parent.name}/{path.name}|{path.stat().st_size}\n".encode())
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- distributed set-up
@@ -65,20 +123,39 @@ class Ranks:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # gloo group with a long timeout, for the one wait that can take long: other ranks waiting while rank 0 builds
+    # a cold cache (the 3D set takes minutes; NCCL's default timeout is 10 minutes).
+    slow_group: Any = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
+CACHE_WAIT = timedelta(hours=2)
+
+
 def init_distributed(cfg: TrainConfig) -> tuple[Ranks, torch.device]:
-    """Single process, or one process of a torchrun job: NCCL on GPUs, gloo on CPU."""
+    """Single process, or one process of a torchrun job: NCCL on GPUs, gloo on CPU.
+
+    --device cuda where CUDA is unusable is refused in both (never a silent fall-back to a CPU run); a process
+    trains on GPU LOCAL_RANK, which must exist.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Ranks(), utils.choose_device(cfg.device)
+        device = utils.choose_device(cfg.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # the RNG state saved with checkpoints is the current device's
+        return Ranks(), device
     ranks = Ranks(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if cfg.device is not None and cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {cfg.device}: CUDA is not available to this process (torchrun rank {ranks.rank}); "
+                         f"check the GPU allocation (nvidia-smi, CUDA_VISIBLE_DEVICES) or use --device cpu")
     wants_cuda = torch.cuda.is_available() and (cfg.device is None or cfg.device.startswith("cuda"))
     if wants_cuda:
+        if ranks.local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"torchrun started more processes per node than the {torch.cuda.device_count()} visible "
+                             f"GPU(s) (local rank {ranks.local_rank}); use --nproc_per_node=gpu")
         device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
     else:
@@ -86,21 +163,13 @@ def init_distributed(cfg: TrainConfig) -> tuple[Ranks, torch.device]:
         # Processes on one CPU share its cores; more threads than cores per process only thrash.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     dist.init_process_group(backend="nccl" if wants_cuda else "gloo")
-    return ranks, device
+    return replace(ranks, slow_group=dist.new_group(backend="gloo", timeout=CACHE_WAIT)), device
 
 
-def barrier(ranks: Ranks) -> None:
+def barrier(ranks: Ranks, slow: bool = False) -> None:
+    """Wait for every rank; `slow` for waits that may outlast the default timeout (building the cache)."""
     if ranks.world_size > 1:
-        dist.barrier()
-
-
-def any_rank(flag: bool, ranks: Ranks, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on any rank: decisions to stop must be taken together."""
-    if ranks.world_size == 1:
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        dist.barrier(group=ranks.slow_group if slow else None)
 
 
 # ---------------------------------------------------------------- model, optimiser, schedule
@@ -149,6 +218,11 @@ def class_weights(cfg: TrainConfig, train_cases: cache.CaseSet) -> list[float]:
 
 # ---------------------------------------------------------------- the run's state
 
+# Optimiser steps between the loop's host-device syncs. Everything the loop needs to know from the device (the
+# loss, non-finite steps) is tallied there and read at these points, where the ranks also agree on the clock and on
+# whether to stop; in between, the CPU queues work ahead of the GPU. Budgets are checked at this granularity.
+SYNC_EVERY = 8
+
 
 @dataclass
 class Run:
@@ -165,23 +239,41 @@ class Run:
     source: sampling.DeviceBatchSource
     val_cases: cache.CaseSet
     total_steps: int
-    counters: dict  # epoch (completed), step, best_dice, best_epoch, history, train_seconds, bad_steps
-    started: float = 0.0
+    # epoch (completed), step (optimiser steps taken or skipped), skipped_steps, bad_steps (non-finite in a row),
+    # best_dice, best_epoch, history, train_seconds (training time over all invocations)
+    counters: dict
+    data_fingerprint: str = ""
+    started: float | None = None  # perf_counter when this invocation's training started; None before
+    session_base: float = 0.0  # training seconds saved before this invocation
+    clock: float = 0.0  # training seconds as last agreed by all ranks: what a time-budget schedule follows
 
     @property
     def progress(self) -> float:
-        """Fraction of the run done: by optimiser steps, or by time when a budget is set (whichever is ahead)."""
+        """Fraction of the run done: by optimiser steps, or by time when a budget is set (whichever is ahead).
+        Time is the agreed `clock`, so every rank computes the same learning rate."""
         by_steps = self.counters["step"] / max(self.total_steps, 1)
         if self.cfg.max_minutes is None:
             return by_steps
-        return max(by_steps, self.elapsed / (self.cfg.max_minutes * 60))
+        return max(by_steps, self.clock / (self.cfg.max_minutes * 60))
 
     @property
     def elapsed(self) -> float:
-        return self.counters["train_seconds"] + time.perf_counter() - self.started
+        """This rank's training seconds over all invocations (the saved ones plus this invocation's)."""
+        if self.started is None:
+            return self.counters["train_seconds"]
+        return self.session_base + time.perf_counter() - self.started
 
-    def over_budget(self) -> bool:
-        return self.cfg.max_minutes is not None and self.elapsed >= self.cfg.max_minutes * 60
+    def set_lr(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * lr_factor(self.progress, self.cfg.scheduler)
+
+    def finished(self) -> str:
+        """Why the run has nothing left to train ("" if it has): all epochs done, or the whole budget spent."""
+        if self.counters["epoch"] >= self.cfg.epochs:
+            return f"{self.cfg.epochs} epochs done"
+        if self.cfg.max_minutes is not None and self.counters["train_seconds"] >= self.cfg.max_minutes * 60:
+            return f"time budget of {self.cfg.max_minutes} minutes spent"
+        return ""
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -191,25 +283,69 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
                              weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
 
 
+def make_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """fp16: torch's dynamic loss scaling. fp32 and bf16 need no scaling: a scale of 1 that never grows (halved,
+    exactly, only after a skipped step). The scaler is what skips a step whose gradients are not finite: with
+    the fused AdamW it hands the check to the optimiser on the device, with no host-device sync per step."""
+    if amp_dtype == torch.float16:
+        return torch.amp.GradScaler(device.type)
+    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**31 - 1)
+
+
+def load_scaler_state(run: Run, ckpt: dict) -> None:
+    """Restore the loss scale when the saved run scaled the same way (fp16, or fp32/bf16); a run saved with bf16
+    and resumed on an fp16-only GPU (or the reverse) starts a fresh scaler. Checkpoints from before `amp_dtype`
+    was saved held a scaler state only for fp16."""
+    saved_dtype = ckpt.get("amp_dtype", "float16" if ckpt.get("scaler") else "none")
+    same_kind = (saved_dtype == "float16") == (run.amp_dtype == torch.float16)
+    if ckpt.get("scaler") and same_kind:
+        run.scaler.load_state_dict(ckpt["scaler"])
+    elif saved_dtype != _dtype_name(run.amp_dtype):
+        log.info("the run was saved with amp %s and resumes with amp %s: loss scaling starts afresh", saved_dtype,
+                 _dtype_name(run.amp_dtype))
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return str(dtype).removeprefix("torch.") if dtype is not None else "none"
+
+
+def set_algorithms(cfg: TrainConfig, device: torch.device) -> None:
+    """--deterministic: deterministic cuDNN and scatter kernels (torch.use_deterministic_algorithms; ops without
+    a deterministic version warn instead of failing), so a resumed GPU run continues exactly. Otherwise cuDNN
+    benchmarks its algorithms once per input shape (training shapes are fixed), which is faster but picks
+    algorithms with atomics: results then differ in the last bits from run to run."""
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def build_run(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
     run_dir = Path(cfg.out)
     utils.seed_everything(cfg.seed)
     data_cfg = dataset.DataConfig()
     split_file = run_dir / "split.json" if cfg.dims == 3 else None
     if not ranks.is_main:
-        barrier(ranks)  # rank 0 builds the cache (and split.json) first; the others then read it
+        barrier(ranks, slow=True)  # rank 0 builds the cache (and split.json) first; the others then read it
     train_cases = cache.load_split(cfg.data_dir, "train", data_cfg, cache_dir=cfg.cache_dir, split_file=split_file,
                                    seed=cfg.seed, workers=cfg.workers)
     val_cases = cache.load_split(cfg.data_dir, "validate", data_cfg, cache_dir=cfg.cache_dir, split_file=split_file,
                                  seed=cfg.seed, workers=cfg.workers)
     if ranks.is_main:
-        barrier(ranks)
+        barrier(ranks, slow=True)
+        warn_if_no_test_split(cfg, split_file)
     augment = AugmentConfig() if cfg.augment else None
     source = sampling.DeviceBatchSource(
         train_cases, patch_size=cfg.patch_size if cfg.dims == 3 else None, batch_size=cfg.batch_size, device=device,
         seed=cfg.seed, foreground_fraction=cfg.foreground_fraction, steps_per_epoch=cfg.steps_per_epoch,
         rank=ranks.rank, world_size=ranks.world_size, augment=augment)
-    model = UNet(**model_args(cfg)).to(device)
+    model = UNet(**model_args(cfg))
+    if cfg.init_from:
+        model.load_state_dict(utils.load_checkpoint(cfg.init_from)["model"])
+        log.info("initialised the weights from %s; the optimiser and schedule start anew", cfg.init_from)
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=utils.channels_last_format(cfg.dims))
     net = model
@@ -226,11 +362,25 @@ def build_run(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
     if cfg.deep_supervision:
         loss_fn = losses.DeepSupervisionLoss(loss_fn)
     total_steps = cfg.epochs * math.ceil(len(source) / cfg.accumulate)
-    counters = {"epoch": 0, "step": 0, "best_dice": -1.0, "best_epoch": 0, "history": [], "train_seconds": 0.0,
-                "bad_steps": 0}
-    return Run(cfg, ranks, device, amp_dtype, model, net, optimizer,
-               torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-               loss_fn.to(device), source, val_cases, total_steps, counters)
+    counters = {"epoch": 0, "step": 0, "skipped_steps": 0, "bad_steps": 0, "best_dice": -1.0, "best_epoch": 0,
+                "history": [], "train_seconds": 0.0}
+    return Run(cfg, ranks, device, amp_dtype, model, net, optimizer, make_scaler(device, amp_dtype),
+               loss_fn.to(device), source, val_cases, total_steps, counters, data_fingerprint(train_cases, val_cases))
+
+
+def warn_if_no_test_split(cfg: TrainConfig, split_file: Path | None) -> None:
+    """Say at the start, not at prediction time, that there is nothing held out to test on."""
+    if split_file is not None:
+        sizes = {name: len(keys) for name, keys in dataset.load_split_file(split_file).items()}
+        if not sizes["test"]:
+            log.warning("the test split is empty: the patient split in %s has %s scans; too few patients for "
+                        "split ratios %s, so predict.py --split test will have nothing to evaluate", split_file,
+                        " / ".join(f"{name} {n}" for name, n in sizes.items()), dataset.DataConfig().split_ratios)
+        return
+    try:
+        dataset.find_pairs(cfg.data_dir, "test")
+    except dataset.DataError as exc:
+        log.warning("no usable test split in %s (%s): predict.py --split test will fail", cfg.data_dir, exc)
 
 
 # ---------------------------------------------------------------- one epoch, validation
@@ -240,7 +390,10 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     """One pass of the batch source; returns the epoch's mean loss, data-wait share, throughput, stop reason."""
     cfg, model_format = run.cfg, utils.channels_last_format(run.cfg.dims)
     run.net.train()
-    n_batches, seconds_waiting, loss_sum, finite_steps, samples, stop = len(run.source), 0.0, 0.0, 0, 0, ""
+    n_batches, seconds_waiting, samples, stop = len(run.source), 0.0, 0, ""
+    # On the device, read only at sync points: loss sum and count over finite steps, non-finite steps in a row
+    # (carried over from earlier epochs), non-finite steps since the last sync point.
+    tally = torch.tensor([0.0, 0.0, run.counters["bad_steps"], 0.0], device=run.device)
     batches = run.source.epoch(epoch)
     bar = tqdm(total=n_batches, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not run.ranks.is_main or None)
     started = time.perf_counter()
@@ -250,55 +403,82 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
         seconds_waiting += time.perf_counter() - waited
         if cfg.channels_last:
             image = image.contiguous(memory_format=model_format)
-        with utils.autocast(run.device, run.amp_dtype):
-            loss = run.loss_fn(run.net(image), label)
-        run.scaler.scale(loss / cfg.accumulate).backward()
+        steps_now = (index + 1) % cfg.accumulate == 0 or index + 1 == n_batches
+        # DDP all-reduces gradients in backward; for the micro-batches of an accumulation only the last one needs to.
+        with contextlib.nullcontext() if steps_now or run.ranks.world_size == 1 else run.net.no_sync():
+            with utils.autocast(run.device, run.amp_dtype):
+                loss = run.loss_fn(run.net(image), label)
+            run.scaler.scale(loss / cfg.accumulate).backward()
         samples += image.shape[0]
-        if (index + 1) % cfg.accumulate == 0 or index + 1 == n_batches:
-            if optimiser_step(run):
-                loss_sum += loss.item()
-                finite_steps += 1
-            stop = stop_reason(run)
+        if steps_now:
+            optimiser_step(run, loss.detach(), tally)
+            if run.counters["step"] % SYNC_EVERY == 0 or index + 1 == n_batches:
+                stop = sync_point(run, tally, bar)
         bar.update()
-        if index % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{samples / (time.perf_counter() - started):.1f}")
-        if any_rank(bool(stop), run.ranks, run.device):
-            stop = stop or "another rank stopped"
+        if stop:
             break
     bar.close()
     seconds = time.perf_counter() - started
+    loss_sum, finite_steps = tally[:2].tolist()
     return {"train_loss": loss_sum / finite_steps if finite_steps else math.nan, "data_wait": seconds_waiting / seconds,
             "samples_per_s": samples * run.ranks.world_size / seconds, "stop": stop}
 
 
-def optimiser_step(run: Run) -> bool:
-    """Unscale, clip, step and schedule. A non-finite gradient skips the step; returns whether it was finite."""
+def optimiser_step(run: Run, loss: torch.Tensor, tally: torch.Tensor) -> None:
+    """Unscale, clip, step (skipped on the device when a gradient is not finite), schedule; no host-device sync.
+
+    DDP averages gradients first, so every rank sees the same norm and skips the same steps. With fp16 a
+    non-finite step is the scaler calibrating, not a fault: it is not counted towards --max-bad-steps.
+    """
     run.scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.clip_grad)
-    # One sync per optimiser step. DDP averages gradients first, so every rank sees the same norm.
-    finite = bool(torch.isfinite(grad_norm).item())
-    if finite or run.scaler.is_enabled():
-        run.scaler.step(run.optimizer)  # with fp16 the scaler itself skips inf steps and lowers the scale
+    run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    if finite:
-        run.counters["bad_steps"] = 0
-        run.counters["step"] += 1
-    elif not run.scaler.is_enabled():
-        run.counters["bad_steps"] += 1
-        log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", run.counters["step"],
-                    run.counters["bad_steps"])
-    for group in run.optimizer.param_groups:
-        group["lr"] = run.cfg.lr * lr_factor(run.progress, run.cfg.scheduler)
-    return finite
+    finite = torch.isfinite(grad_norm)
+    tally[0] += torch.where(finite, loss.float(), 0.0)
+    tally[1] += finite.float()
+    if run.amp_dtype != torch.float16:
+        tally[2] = torch.where(finite, 0.0, tally[2] + 1)
+        tally[3] += (~finite).float()
+    run.counters["step"] += 1
+    run.set_lr()
 
 
-def stop_reason(run: Run) -> str:
-    if run.counters["bad_steps"] >= run.cfg.max_bad_steps:
+def sync_point(run: Run, tally: torch.Tensor, bar: tqdm) -> str:
+    """Read the tally, agree with the other ranks on the clock and the budgets, and say why to stop ("" to go on).
+
+    One all-reduce (max) of [training seconds, this invocation's seconds, non-finite steps in a row]: every rank
+    then sets the same learning rate and takes the same decision (ranks' own clocks drift apart by milliseconds,
+    and rank 0 also spends time validating).
+    """
+    session = time.perf_counter() - run.started
+    agreed = torch.stack([torch.tensor(run.elapsed, device=run.device, dtype=torch.float64),
+                          torch.tensor(session, device=run.device, dtype=torch.float64), tally[2].double()])
+    if run.ranks.world_size > 1:
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    run.clock, session, bad_in_row = agreed.tolist()
+    loss_sum, finite_steps, _, skipped = tally.tolist()
+    if skipped:
+        log.warning("by step %d: non-finite loss or gradient, step skipped %d time(s) since the last check (%d in a "
+                    "row)", run.counters["step"], skipped, bad_in_row)
+        tally[3] = 0.0
+    run.counters["bad_steps"] = int(bad_in_row)
+    run.counters["skipped_steps"] += int(skipped)
+    run.set_lr()
+    bar.set_postfix(loss=f"{loss_sum / max(finite_steps, 1):.4f}")
+    return stop_reason(run, session)
+
+
+def stop_reason(run: Run, session_seconds: float) -> str:
+    cfg = run.cfg
+    if run.counters["bad_steps"] >= cfg.max_bad_steps:
         return (f"{run.counters['bad_steps']} non-finite steps in a row: stopping with the last good checkpoint. "
                 f"Try a lower --lr, --no-amp, or check the data with `python dataset.py check`")
-    if run.over_budget():
-        return f"time budget of {run.cfg.max_minutes} minutes spent"
+    if cfg.max_minutes is not None and run.clock >= cfg.max_minutes * 60:
+        return f"time budget of {cfg.max_minutes} minutes spent"
+    if cfg.session_minutes is not None and session_seconds >= cfg.session_minutes * 60:
+        return f"this session's {cfg.session_minutes} minutes are spent; continue the run with --resume"
     return ""
 
 
@@ -321,27 +501,36 @@ def save_checkpoint(run: Run, path: Path) -> None:
         "model_args": model_args(run.cfg),
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(),
+        "amp_dtype": _dtype_name(run.amp_dtype),
         "counters": run.counters,
         "total_steps": run.total_steps,
         "rng": utils.get_rng_state(),
         "config": asdict(run.cfg),
+        "data_fingerprint": run.data_fingerprint,
         "class_names": list(utils.CLASS_NAMES),
         "data_config": asdict(dataset.DataConfig()),
     }, path)
 
 
 def restore(run: Run, path: Path) -> None:
-    ckpt = utils.load_checkpoint(path, map_location=run.device)
+    """Continue the run saved in `path`. The checkpoint is read to the CPU and each state placed by its
+    load_state_dict (the RNG states must stay CPU tensors); DataError if the data holds other files now."""
+    ckpt = utils.load_checkpoint(path, map_location="cpu")
+    saved_fingerprint = ckpt.get("data_fingerprint")
+    if saved_fingerprint and saved_fingerprint != run.data_fingerprint:
+        raise dataset.DataError(f"{run.cfg.data_dir} does not hold the files {path} was trained on (their names or "
+                                f"sizes differ): pass the run's data with --data-dir, or start a new run")
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scaler.load_state_dict(ckpt["scaler"])
-    run.counters = ckpt["counters"]
+    load_scaler_state(run, ckpt)
+    run.counters = {"skipped_steps": 0, **ckpt["counters"]}
     run.total_steps = ckpt["total_steps"]
     utils.set_rng_state(ckpt["rng"])
-    for group in run.optimizer.param_groups:
-        group["lr"] = run.cfg.lr * lr_factor(run.progress, run.cfg.scheduler)
-    log.info("resumed %s after epoch %d (step %d, best mean foreground Dice %.4f at epoch %d)", path,
-             run.counters["epoch"], run.counters["step"], run.counters["best_dice"], run.counters["best_epoch"])
+    run.clock = run.counters["train_seconds"]
+    run.set_lr()
+    log.info("resumed %s after epoch %d (step %d, %.1f min trained, best mean foreground Dice %.4f at epoch %d)",
+             path, run.counters["epoch"], run.counters["step"], run.clock / 60, run.counters["best_dice"],
+             run.counters["best_epoch"])
 
 
 # ---------------------------------------------------------------- main
@@ -352,6 +541,7 @@ def fit(run: Run) -> str:
     cfg, out = run.cfg, Path(run.cfg.out)
     nan_row = {key: math.nan for key in utils.METRIC_COLUMNS}
     stop = ""
+    run.session_base, run.started = run.counters["train_seconds"], time.perf_counter()
     while run.counters["epoch"] < cfg.epochs and not stop:
         epoch = run.counters["epoch"] + 1
         started = time.perf_counter()
@@ -366,7 +556,6 @@ def fit(run: Run) -> str:
         row["seconds"] = time.perf_counter() - started
         run.counters["epoch"] = epoch
         run.counters["train_seconds"] = run.elapsed
-        run.started = time.perf_counter()
         run.counters["history"].append(row)
         if run.ranks.is_main:
             if row["dice_mean_fg"] > run.counters["best_dice"]:
@@ -408,15 +597,19 @@ def main(argv: list[str] | None = None) -> int:
             utils.write_json(out / "config.json", asdict(cfg))
         if cfg.keep_freed_memory and utils.keep_freed_memory(device):
             log.debug("keeping freed CPU memory for reuse (--no-keep-freed-memory turns it off)")
+        set_algorithms(cfg, device)
         run = build_run(cfg, ranks, device)
         if cfg.resume:
             restore(run, out / "last.pt")
+            if done := run.finished():
+                log.info("%s has finished (%s): nothing to resume. To train more, start a new run from its weights: "
+                         "--init-from %s --out NEW_RUN", out, done, out / "best.pt")
+                return 0
         n_params = count_parameters(run.model)
         log.info("training a %dD UNet (%s parameters) on %s: %d train / %d validation cases, %d batches of %d per "
                  "epoch, device %s, amp %s, world size %d", cfg.dims, f"{n_params:,}", cfg.data_dir,
                  len(run.source.cases.keys), len(run.val_cases.keys), len(run.source), cfg.batch_size, device,
                  run.amp_dtype or "off (fp32)", ranks.world_size)
-        run.started = time.perf_counter()
         reason = fit(run)
         check_ranks_agree(run)
         if ranks.is_main:

@@ -47,7 +47,11 @@ def seed_everything(seed: int) -> None:
 
 
 def get_rng_state() -> dict[str, Any]:
-    """All global RNG states, as tensors and plain types so `torch.load(weights_only=True)` can read them."""
+    """All global RNG states, as CPU tensors and plain types so `torch.load(weights_only=True)` can read them.
+
+    CUDA: only the current device's generator (the one this process trains on), so a run saved on 4 GPUs resumes
+    on 1 (torch.cuda.get_rng_state_all would tie the checkpoint to the number of visible GPUs).
+    """
     np_state = np.random.get_state()
     state = {
         "python": json.dumps(random.getstate()),
@@ -55,21 +59,35 @@ def get_rng_state() -> dict[str, Any]:
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `get_rng_state` returned."""
+    """Restore what `get_rng_state` returned, wherever its tensors were loaded to (the generators need CPU
+    tensors: a checkpoint loaded with map_location="cuda" would otherwise fail here).
+
+    The CUDA state goes to the current device when CUDA is available (and is ignored on a CPU machine).
+    Checkpoints from before this format held `cuda`, one state per visible GPU: the first one is used, so a
+    run saved with another number of GPUs still resumes.
+    """
     version, internal, gauss = json.loads(state["python"])
     random.setstate((version, tuple(internal), gauss))
     np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(("MT19937", _cpu(np_state["keys"]).numpy().astype(np.uint32), int(np_state["pos"]),
+                         int(np_state["has_gauss"]), float(np_state["cached_gaussian"])))
+    torch.set_rng_state(_cpu(state["torch"]))
+    cuda_state = state.get("cuda_device")
+    if cuda_state is None and state.get("cuda"):
+        cuda_state = state["cuda"][0]
+    if cuda_state is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_cpu(cuda_state))
+
+
+def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy (generator states must be CPU ByteTensors; numpy needs CPU memory)."""
+    return tensor.detach().to("cpu")
 
 
 # ---------------------------------------------------------------- device and mixed precision
@@ -98,16 +116,25 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """True on GPUs with bf16 tensor cores (compute capability 8.0 and later: A100, H100, RTX 30xx+).
+
+    Not torch.cuda.is_bf16_supported(): in torch 2.13 it is also true where bf16 is only emulated (V100, T4),
+    where bf16 autocast is slower than fp16 + GradScaler.
+    """
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def amp_dtype_for(device: torch.device, enabled: bool = True) -> torch.dtype | None:
     """The autocast dtype to use on `device`, or None for fp32.
 
-    CUDA: bf16 where the GPU supports it (Ampere and later), else fp16 (which needs a GradScaler).
+    CUDA: bf16 on GPUs with native bf16 (compute capability >= 8.0), else fp16 (which needs a GradScaler).
     CPU: bf16 only with native bf16 instructions; elsewhere it is emulated and slower than fp32.
     """
     if not enabled:
         return None
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
     if device.type == "cpu":
         return torch.bfloat16 if cpu_has_native_bf16() else None
     return None

@@ -31,6 +31,30 @@ def test_rng_state_survives_weights_only_load(tmp_path):
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_rng_state_from_a_run_with_other_gpus_restores_on_a_cpu_machine():
+    """Checkpoints hold the current GPU's state (`cuda_device`); older ones a list per visible GPU (`cuda`). Neither
+    may stop a resume on a machine with fewer GPUs, or none."""
+    utils.seed_everything(7)
+    state = utils.get_rng_state()
+    expected = torch.rand(2)
+    fake_gpu_state = torch.zeros(16, dtype=torch.uint8)
+    for extra in ({"cuda": [fake_gpu_state, fake_gpu_state]}, {"cuda_device": fake_gpu_state}):
+        utils.seed_everything(8)
+        utils.set_rng_state({**state, **extra})
+        assert torch.equal(torch.rand(2), expected)
+
+
+def test_amp_uses_bf16_only_on_gpus_with_native_bf16(monkeypatch):
+    """torch.cuda.is_bf16_supported() is also true on V100/T4, where bf16 is emulated: fp16 + GradScaler there."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    gpu = torch.device("cuda", 0)
+    for capability, expected in (((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                 ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert utils.amp_dtype_for(gpu) is expected, capability
+    assert utils.amp_dtype_for(gpu, enabled=False) is None
+
+
 def test_atomic_write_leaves_no_temp_files_and_replaces(tmp_path):
     target = tmp_path / "sub" / "a.txt"
     utils.atomic_write_text(target, "one")
