@@ -208,7 +208,7 @@ class DataError(Exception):
 class Pair:
     """One image file and its label file (None for unlabelled input)."""
 
-    key: str  # "case_004_week_0_slice_7" (2D), "Case_004_Week0" / "K019_Week1" (3D): the name's stem, unique
+    key: str  # Naming.key: "case_004_week_0_slice_7" (2D), "Case_004_Week0" / "K019_Week1" (3D); unique
     case_id: str  # patient number as written in the name, e.g. "004" (also for "K004_Week0")
     week: int
     slice_index: int | None  # 2D only
