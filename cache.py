@@ -22,26 +22,22 @@ from pathlib import Path
 import numpy as np
 
 from dataset import (
-    LISTED,
-    SPLITS,
     DataConfig,
-    DataError,
-    Pair,
-    detect_layout,
-    find_pairs,
+    default_workers,
     parallel_map,
     preprocess_image,
-    read_image,
-    read_label,
+    read_pair,
     resize_slices,
     split_keys,
     voxel_spacing,
 )
+from layouts import LISTED, SPLITS, DataError, Pair, find_pairs, resolve_layout
 from utils import NUM_CLASSES
 
 log = logging.getLogger("hipmri.cache")
 
-CACHE_VERSION = 3  # bump whenever the code changes what a cache holds: old caches are then rebuilt
+# 4: image/label geometry (orientation, spacing, origin) checked before a case is cached.
+CACHE_VERSION = 4  # bump whenever the code changes what a cache holds: old caches are then rebuilt
 
 
 def default_cache_dir() -> Path:
@@ -83,13 +79,11 @@ def _cache_key(pairs: list[Pair], cfg: DataConfig, spatial_dims: int) -> str:
 
 def _read_case(pairs: list[Pair], spatial_dims: int, cfg: DataConfig):
     """One scan read and preprocessed: image (cfg.cache_dtype), label uint8 or None, spacing, original shape,
-    warnings. 2D: slices stacked to (n, H, W) and resized; spacing ordered as the stacked axes."""
+    warnings. 2D: slices stacked to (n, H, W) and resized; spacing ordered as the stacked axes. DataError naming
+    both files when a label does not overlay its image (shape, orientation, spacing, origin: dataset.read_pair)."""
     images, labels, warnings = [], [], []
     for pair in pairs:
-        image, img = read_image(pair.image, spatial_dims)
-        label = read_label(pair.label, spatial_dims) if pair.label is not None else None
-        if label is not None and label.shape != image.shape:
-            raise DataError(f"shape mismatch: image {pair.image} is {image.shape}, label {pair.label} is {label.shape}")
+        image, label, img = read_pair(pair, spatial_dims)
         images.append(image)
         labels.append(label)
     spacing, assumed = voxel_spacing(img)
@@ -230,27 +224,30 @@ class CaseSet:
 
 
 def load_split(data_dir: str | Path, split: str, cfg: DataConfig | None = None, cache_dir: str | Path | None = None,
-               split_file: str | Path | None = None, seed: int = 0, workers: int | None = None) -> CaseSet:
+               split_file: str | Path | None = None, seed: int = 0, workers: int | None = None,
+               spatial_dims: int | None = None) -> CaseSet:
     """Decode `split` ("train", "validate", "test") through the cache and return it memory-mapped
     (copy-on-write: arrays are writable, but writes stay in this process).
 
-    2D: the split folders. 3D: the patients listed in `split_file` if it exists, else a split drawn with
-    `seed` and `cfg.split_ratios` (and saved to `split_file` when given). The cache lives in
-    `cache_dir` (default `default_cache_dir()`, never inside `data_dir`), one folder per split keyed by the
-    files' names, sizes and mtimes and by `cfg`; it is reused when valid and rebuilt (with `workers`
-    processes, default min(2, cpu count)) when anything changed. Under DDP let rank 0 call this first.
+    The layout is `layouts.resolve_layout(data_dir, spatial_dims)`: of those dims when given (a cluster ROOT holds
+    both), else the only one there. 2D: the split folders. 3D: the patients listed in `split_file` if it exists,
+    else a split drawn with `seed` and `cfg.split_ratios` (and saved to `split_file` when given). The cache lives
+    in `cache_dir` (default `default_cache_dir()`, never inside `data_dir`), one folder per split keyed by the
+    files' names, sizes and mtimes and by `cfg`; it is reused when valid and rebuilt (with `workers` processes,
+    default `dataset.default_workers()`) when anything changed. Every pair's label is checked against its image
+    (shape and geometry) when the cache is built. Under DDP let rank 0 call this first.
     """
     data_dir, cfg = Path(data_dir), cfg or DataConfig()
     if split not in SPLITS:
         raise DataError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     if cfg.cache_dtype not in ("float16", "float32"):
         raise ValueError(f"DataConfig.cache_dtype must be float16 or float32, not {cfg.cache_dtype!r}")
-    layout = detect_layout(data_dir)
-    spatial_dims = 2 if layout == "2d" else 3
-    if layout == "2d":
-        pairs = find_pairs(data_dir, split)
+    found = resolve_layout(data_dir, spatial_dims)
+    spatial_dims, layout = found.spatial_dims, found.layout.name
+    if spatial_dims == 2:
+        pairs = find_pairs(data_dir, split, spatial_dims=2)
     else:
-        pairs = find_pairs(data_dir, None)
+        pairs = find_pairs(data_dir, None, spatial_dims=3)
         chosen = set(split_keys(data_dir, pairs, split_file, seed, cfg.split_ratios)[split])
         pairs = [p for p in pairs if p.key in chosen]
         if not pairs:
@@ -263,11 +260,13 @@ def load_split(data_dir: str | Path, split: str, cfg: DataConfig | None = None, 
     cases = _group_cases(pairs)
     manifest = _valid_cache(folder, key)
     if manifest is not None:
-        log.info("%s layout, %s split: reusing the cache %s (%d scans)", layout, split, folder, len(cases))
+        log.info("%s layout in %s, %s split: reusing the cache %s (%d scans)", layout, found.root, split, folder,
+                 len(cases))
     else:
         started = time.perf_counter()
-        workers = workers if workers is not None else min(2, os.cpu_count() or 1)
-        log.info("%s layout, %s split: decoding %d files into the cache %s", layout, split, len(pairs), folder)
+        workers = workers if workers is not None else default_workers()
+        log.info("%s layout in %s, %s split: decoding %d files into the cache %s (%d processes)", layout, found.root,
+                 split, len(pairs), folder, workers)
         manifest = _build_cache(folder, key, cases, spatial_dims, cfg, data_dir, workers)
         log.info("%s split: cache built in %.1f s", split, time.perf_counter() - started)
         _prune_stale(root, folder, manifest)

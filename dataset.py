@@ -1,20 +1,12 @@
-"""HipMRI data: find and pair files, read and check them, preprocess them, split 3D scans by patient.
+"""HipMRI data: read and check NIfTI files, preprocess them, split 3D scans by patient; `python dataset.py check`.
 
-Layouts (see DESIGN.md "The data"); `detect_layout` tells them apart and `find_pairs` pairs files by
-the case/week/slice parsed from their names, never by sorted position:
-
-    2D  ROOT/keras_slices_{train,validate,test}/case_004_week_0_slice_7.nii.gz
-        ROOT/keras_slices_seg_{train,validate,test}/seg_004_week_0_slice_7.nii.gz
-    3D  ROOT/semantic_MRs_anon/Case_004_Week0_LFOV.nii.gz
-        ROOT/semantic_labels_anon/Case_004_Week0_SEMANTIC_LFOV.nii.gz
-    or  ROOT/semantic_MRs/B006_Week0_LFOV.nii.gz
-        ROOT/semantic_labels_only/B006_Week0_SEMANTIC.nii.gz
-
-A *case* is one scan (patient + week). In 2D its slices are stacked in slice order into (n_slices, H, W);
-in 3D it is the (X, Y, Z) volume in nibabel's axis order. `preprocess_image` is the one preprocessing of an
-image, for training and prediction alike; cache.py decodes a split once through it into a memory-mapped
-cache (`cache.load_split`). Batches come from sampling.py; `python dataset.py check DATA_DIR` prints the
-integrity report of datacheck.py.
+Layouts, namings and pairing files by name live in layouts.py (`resolve_layout`, `find_pairs`, `Pair`,
+`DataError`), re-exported here. A *case* is one scan (patient + week). In 2D its slices are stacked in slice
+order into (n_slices, H, W); in 3D it is the (X, Y, Z) volume in nibabel's axis order. `read_pair` reads an image
+and its label and checks that they overlay (shape, orientation, spacing, origin). `preprocess_image` is the one
+preprocessing of an image, for training and prediction alike; cache.py decodes a split once through it into a
+memory-mapped cache (`cache.load_split`). Batches come from sampling.py; `python dataset.py check DATA_DIR` prints
+the integrity report of datacheck.py.
 """
 
 from __future__ import annotations
@@ -22,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
+import os
 import sys
 import zlib
 from collections import defaultdict
@@ -37,179 +29,56 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from tqdm import tqdm
 
+from layouts import (  # the find-and-pair API lives in layouts.py; it is re-exported here for its users
+    SPLITS,
+    DataError,
+    Pair,
+    detect_layout,
+    find_pairs,
+    listing,
+    nifti_stem,
+    resolve_layout,
+    scan_naming,
+)
 from utils import NUM_CLASSES, setup_logging, write_json
 
-__all__ = ["DataConfig", "DataError", "Pair", "detect_layout", "find_pairs", "geometry_mismatch", "load_split_file",
-           "main", "normalise", "preprocess_image", "read_image", "read_label", "resize_slices", "save_split",
+__all__ = ["SPLITS", "DataConfig", "DataError", "Pair", "default_workers", "detect_layout", "find_pairs",
+           "geometry_mismatch", "listing", "load_split_file", "main", "normalise", "pair_mismatch", "preprocess_image",
+           "read_image", "read_label", "read_pair", "resize_slices", "resolve_layout", "save_split", "scan_naming",
            "split_by_patient", "voxel_spacing"]
 
 log = logging.getLogger("hipmri.dataset")
 
-SPLITS = ("train", "validate", "test")
-LISTED = 5  # offending files named in an error message before "... and N more"
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError)
-
-
-class DataError(Exception):
-    """Bad or missing input data; the message names the file(s) and the problem."""
-
-
-# ---------------------------------------------------------------- find and pair
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One image file and its label file (None for unlabelled input)."""
-
-    key: str  # "case_004_week_0_slice_7" (2D) or "Case_004_Week0" / "B006_Week0" (3D); unique within a split
-    case_id: str  # patient id as written in the name, e.g. "004"
-    week: int
-    slice_index: int | None  # 2D only
-    image: Path
-    label: Path | None
-
-    @property
-    def case_key(self) -> str:
-        """The scan this file belongs to: "case_004_week_0" (2D) or the 3D key."""
-        return self.key if self.slice_index is None else self.key.rsplit("_slice_", 1)[0]
-
-
-@dataclass(frozen=True)
-class _Naming:
-    """Where one layout keeps images and labels, how their names parse, and how keys are written."""
-
-    image_dir: str
-    label_dir: str
-    image_re: re.Pattern
-    label_re: re.Pattern
-    key_format: str  # str.format with case, week (and slice)
-
-
-_NII = r"\.nii(?:\.gz)?$"
-_NAMINGS_3D = {
-    "anon": _Naming("semantic_MRs_anon", "semantic_labels_anon", re.compile(r"Case_(\d+)_Week(\d+)_LFOV" + _NII, re.I),
-                    re.compile(r"Case_(\d+)_Week(\d+)_SEMANTIC_LFOV" + _NII, re.I), "Case_{case}_Week{week}"),
-    "b": _Naming("semantic_MRs", "semantic_labels_only", re.compile(r"B(\d+)_Week(\d+)_LFOV" + _NII, re.I),
-                 re.compile(r"B(\d+)_Week(\d+)_SEMANTIC" + _NII, re.I), "B{case}_Week{week}"),
-}
-
-
-def _naming_2d(split: str) -> _Naming:
-    return _Naming(f"keras_slices_{split}", f"keras_slices_seg_{split}",
-                   re.compile(r"case_(\d+)_week_(\d+)_slice_(\d+)" + _NII, re.I),
-                   re.compile(r"seg_(\d+)_week_(\d+)_slice_(\d+)" + _NII, re.I),
-                   "case_{case}_week_{week}_slice_{slice}")
-
-
-def _listing(paths: Sequence[str | Path], limit: int = LISTED) -> str:
-    """'a, b, c' or 'a, b, c, ... and 7 more' for error messages."""
-    names = [str(p) for p in paths]
-    more = f", ... and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-def _layouts_present(data_dir: Path) -> dict[str, _Naming | None]:
-    found: dict[str, _Naming | None] = {}
-    if any((data_dir / _naming_2d(s).image_dir).is_dir() for s in SPLITS):
-        found["2d"] = None
-    for name, naming in _NAMINGS_3D.items():
-        if (data_dir / naming.image_dir).is_dir():
-            found[f"3d-{name}"] = naming
-    return found
-
-
-def detect_layout(data_dir: str | Path) -> str:
-    """"2d" or "3d" from the folders under `data_dir`; DataError if none (or more than one) is found."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise DataError(f"{data_dir}: no such folder (pass the HipMRI root with --data-dir)")
-    found = _layouts_present(data_dir)
-    if not found:
-        wanted = ["keras_slices_train/", *(n.image_dir + "/" for n in _NAMINGS_3D.values())]
-        raise DataError(f"{data_dir}: no HipMRI layout found (looked for {', '.join(wanted)}); "
-                        f"pass the folder that holds them")
-    if len(found) > 1:
-        raise DataError(f"{data_dir}: holds several layouts ({', '.join(found)}); point --data-dir at a folder "
-                        f"with only one of them")
-    layout = next(iter(found))
-    return layout.split("-")[0]
-
-
-def _naming_3d(data_dir: Path) -> _Naming:
-    return next(n for n in _layouts_present(data_dir).values() if n is not None)
-
-
-def _index_folder(folder: Path, pattern: re.Pattern, problems: dict[str, list[str]]) -> dict[tuple, Path]:
-    """Parsed (case, week[, slice]) numbers -> file; duplicates and unrecognised NIfTI names go to `problems`."""
-    found: dict[tuple, list[Path]] = defaultdict(list)
-    if not folder.is_dir():
-        problems["missing folder"].append(str(folder))
-        return {}
-    for path in folder.iterdir():
-        match = pattern.fullmatch(path.name)
-        if match:
-            found[tuple(int(g) for g in match.groups())].append(path)
-        elif re.search(_NII, path.name, re.I):
-            problems["unrecognised file name"].append(str(path))
-    for paths in found.values():
-        if len(paths) > 1:
-            problems["duplicate key"].append(" and ".join(sorted(str(p) for p in paths)))
-    return {k: sorted(v)[0] for k, v in found.items()}
-
-
-def _scan(data_dir: Path, naming: _Naming, require_labels: bool) -> tuple[list[Pair], dict[str, list[str]]]:
-    """All pairs of one layout folder pair, sorted by (patient, week, slice), and what is wrong with them."""
-    problems: dict[str, list[str]] = defaultdict(list)
-    images = _index_folder(data_dir / naming.image_dir, naming.image_re, problems)
-    labels = _index_folder(data_dir / naming.label_dir, naming.label_re, problems) if (
-        require_labels or (data_dir / naming.label_dir).is_dir()) else {}
-    if require_labels:
-        problems["image without label"] += [str(images[k]) for k in sorted(images.keys() - labels.keys())]
-    problems["label without image"] += [str(labels[k]) for k in sorted(labels.keys() - images.keys())]
-    pairs = []
-    for numbers in sorted(images):
-        case_id = naming.image_re.fullmatch(images[numbers].name).group(1)
-        week, slice_index = numbers[1], (numbers[2] if len(numbers) > 2 else None)
-        key = naming.key_format.format(case=case_id, week=week, slice=slice_index)
-        pairs.append(Pair(key, case_id, week, slice_index, images[numbers], labels.get(numbers)))
-    if not pairs and (data_dir / naming.image_dir).is_dir():
-        problems["empty split"].append(f"{data_dir / naming.image_dir} (no file matches {naming.image_re.pattern})")
-    return pairs, {k: v for k, v in problems.items() if v}
-
-
-def _raise_problems(problems: dict[str, list[str]]) -> None:
-    lines = [f"{kind} ({len(items)}): {_listing(items)}" for kind, items in problems.items()]
-    raise DataError("; ".join(lines) + ". Fix or remove these files (run `python dataset.py check DIR` for a report)")
-
-
-def find_pairs(data_dir: str | Path, split: str | None = None, require_labels: bool = True) -> list[Pair]:
-    """Image/label pairs sorted by (patient, week, slice).
-
-    2D: `split` is "train", "validate" or "test" (the folders on disk). 3D: all pairs (`split` must be None;
-    use `split_by_patient`). Unrecognised NIfTI names are logged and skipped; unpaired files, duplicate keys,
-    a missing folder or an empty split raise DataError listing the files.
-    """
-    data_dir = Path(data_dir)
-    layout = detect_layout(data_dir)
-    if layout == "2d":
-        if split not in SPLITS:
-            raise DataError(f"{data_dir}: 2D layout; split must be one of {', '.join(SPLITS)}, not {split!r}")
-        naming = _naming_2d(split)
-    elif split is not None:
-        raise DataError(f"{data_dir}: 3D layout has no split folders; call find_pairs(dir, None) and split_by_patient")
-    else:
-        naming = _naming_3d(data_dir)
-    pairs, problems = _scan(data_dir, naming, require_labels)
-    skipped = problems.pop("unrecognised file name", [])
-    if skipped:
-        log.warning("skipping %d NIfTI file(s) whose names do not follow the layout: %s", len(skipped),
-                    _listing(skipped))
-    if problems:
-        _raise_problems(problems)
-    return pairs
+_GZIP_MAGIC = b"\x1f\x8b"
+_NIFTI2_HEADER_BYTES = 540
 
 
 # ---------------------------------------------------------------- read and preprocess
+
+
+def _misnamed_compression(path: Path) -> str:
+    """Why a file nibabel could not read may be fine after a rename: a .nii.gz name on plain NIfTI bytes, or a
+    .nii name on gzip bytes (told apart by the first bytes); "" when neither."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(_NIFTI2_HEADER_BYTES)
+    except OSError:
+        return ""
+    gzipped, named_gz = head.startswith(_GZIP_MAGIC), path.name.lower().endswith(".gz")
+    if named_gz and not gzipped and _is_nifti_header(head):
+        return (f"{path}: an uncompressed NIfTI file with a .gz name; rename it to {nifti_stem(path.name)}.nii "
+                f"(or gzip it)")
+    if gzipped and not named_gz:
+        return f"{path}: gzip-compressed bytes with a .nii name; rename it to {path.name}.gz"
+    return ""
+
+
+def _is_nifti_header(head: bytes) -> bool:
+    """NIfTI-1 (348-byte header, magic "n+1"/"ni1" at byte 344) or NIfTI-2 (540 bytes, "n+2"/"ni2" at byte 4),
+    either byte order."""
+    sizes = {int.from_bytes(head[:4], order) for order in ("little", "big")}
+    return (348 in sizes and head[344:347] in (b"n+1", b"ni1")) or (540 in sizes and head[4:7] in (b"n+2", b"ni2"))
 
 
 def _load(path: Path, spatial_dims: int | None) -> tuple[np.ndarray, nib.Nifti1Image]:
@@ -218,8 +87,8 @@ def _load(path: Path, spatial_dims: int | None) -> tuple[np.ndarray, nib.Nifti1I
         img = nib.load(str(path))
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except _READ_ERRORS as exc:
-        raise DataError(f"{path}: unreadable or corrupt NIfTI ({type(exc).__name__}: {exc}); "
-                        f"re-copy or re-download it") from exc
+        raise DataError(_misnamed_compression(path) or f"{path}: unreadable or corrupt NIfTI "
+                        f"({type(exc).__name__}: {exc}); re-copy or re-download it") from exc
     keep = spatial_dims or 2
     while data.ndim > keep and data.shape[-1] == 1:
         data = data[..., 0]
@@ -241,15 +110,55 @@ def read_image(path: str | Path, spatial_dims: int | None = None) -> tuple[np.nd
 def read_label(path: str | Path, spatial_dims: int | None = None) -> np.ndarray:
     """Label voxels as uint8 0..NUM_CLASSES-1 (floats such as 5.0 are rounded); DataError naming the file and
     the values found if any value is not an integer class."""
-    data, _ = _load(Path(path), spatial_dims)
+    return _classes(Path(path), _load(Path(path), spatial_dims)[0])
+
+
+def _classes(path: Path, data: np.ndarray) -> np.ndarray:
     rounded = np.round(data)
     off = ~np.isfinite(data) | (np.abs(data - rounded) > 1e-3) | (rounded < 0) | (rounded >= NUM_CLASSES)
     if off.any():
         values = np.unique(data[off])
         raise DataError(f"{path}: label values outside the classes 0..{NUM_CLASSES - 1}: "
-                        f"{_listing([f'{v:g}' for v in values], 8)} ({int(off.sum())} voxels); "
+                        f"{listing([f'{v:g}' for v in values], 8)} ({int(off.sum())} voxels); "
                         f"this is not a HipMRI label file or it was resampled with interpolation")
     return rounded.astype(np.uint8)
+
+
+def read_pair(pair: Pair, spatial_dims: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray | None, nib.Nifti1Image]:
+    """`read_image` of pair.image, `read_label` of pair.label (None when it has none) and the image's nibabel
+    image; DataError naming both files when the label does not overlay the image (`pair_mismatch`)."""
+    image, img = read_image(pair.image, spatial_dims)
+    if pair.label is None:
+        return image, None, img
+    data, label_img = _load(pair.label, spatial_dims)
+    label = _classes(pair.label, data)
+    mismatch = pair_mismatch(pair, image.shape, img, label.shape, label_img)
+    if mismatch:
+        raise DataError(mismatch)
+    return image, label, img
+
+
+def pair_mismatch(pair: Pair, image_shape: tuple[int, ...], image_img: nib.spatialimages.SpatialImage,
+                  label_shape: tuple[int, ...], label_img: nib.spatialimages.SpatialImage) -> str:
+    """"" when a label overlays its image voxel for voxel: same array shape (trailing singleton axes dropped)
+    and same geometry (`geometry_mismatch`: orientation, spacing, origin); else a message naming both files and
+    what differs. The one comparison of a pair, for the check, the cache build and anything that reads pairs."""
+    if tuple(label_shape) != tuple(image_shape):
+        return f"shape mismatch: image {pair.image} is {tuple(image_shape)}, label {pair.label} is {tuple(label_shape)}"
+    differs = geometry_mismatch(image_img, label_img)
+    if not differs:
+        return ""
+    unknown = [str(path) for path, img in ((pair.image, image_img), (pair.label, label_img)) if _no_geometry(img)]
+    note = f"; {' and '.join(unknown)} store no orientation (qform and sform codes 0)" if unknown else ""
+    return (f"geometry mismatch: {differs} (image {pair.image}, label {pair.label}){note}; the label would be "
+            f"trained on the wrong voxels: re-export it on the image's voxel grid and affine")
+
+
+def _no_geometry(img: nib.spatialimages.SpatialImage) -> bool:
+    header = img.header
+    codes = [int(header[name]) for name in ("qform_code", "sform_code") if name in header]
+    return bool(codes) and not any(codes)
 
 
 def voxel_spacing(img: nib.Nifti1Image) -> tuple[tuple[float, float, float], bool]:
@@ -366,6 +275,16 @@ def preprocess_image(image: np.ndarray, spatial_dims: int, cfg: DataConfig) -> n
     return normalise(image, cfg.clip_percentiles, cfg.eps, axes).astype(cfg.cache_dtype)
 
 
+MAX_DEFAULT_WORKERS = 8  # beyond this, decoding NIfTI is bound by the disk, and each worker holds a volume
+
+
+def default_workers() -> int:
+    """Reading processes by default: the cores this process may run on (its CPU affinity, e.g. a Slurm
+    allocation, not the whole node), at most MAX_DEFAULT_WORKERS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_WORKERS, cores))
+
+
 def parallel_map(function: Callable, tasks: list, workers: int, desc: str, unit: str) -> Iterator:
     """function(task) for each task in order, in `workers` processes (in this one when workers <= 1)."""
     if workers <= 1 or len(tasks) <= 1:
@@ -433,12 +352,12 @@ def split_keys(data_dir: Path, pairs: list[Pair], split_file: Path | None, seed:
     known = {p.case_key for p in pairs}
     missing = [k for keys in splits.values() for k in keys if k not in known]
     if missing:
-        raise DataError(f"{split_file}: lists scans not found in {data_dir}: {_listing(missing)}; "
+        raise DataError(f"{split_file}: lists scans not found in {data_dir}: {listing(missing)}; "
                         f"is this the data the split was drawn from?")
     unused = known - {k for keys in splits.values() for k in keys}
     if unused:
         log.warning("%d scan(s) in %s are in no split of %s: %s", len(unused), data_dir, split_file,
-                    _listing(sorted(unused)))
+                    listing(sorted(unused)))
     return splits
 
 
@@ -446,12 +365,16 @@ def split_keys(data_dir: Path, pairs: list[Pair], split_file: Path | None, seed:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python dataset.py check DATA_DIR`: exit 0 when clean, 1 when problems were found, 2 on bad usage."""
+    """`python dataset.py check DATA_DIR [--dims 2|3]`: exit 0 when clean, 1 when problems were found, 2 on bad
+    usage."""
     parser = argparse.ArgumentParser(prog="dataset.py", description="HipMRI data tools")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="read every file and print an integrity report")
-    check.add_argument("data_dir", type=Path, help="HipMRI root (2D keras_slices_* or a 3D layout)")
-    check.add_argument("--workers", type=int, default=None, help="reading processes (default: min(2, cores))")
+    check.add_argument("data_dir", type=Path, help="HipMRI root (2D keras_slices_* or a 3D layout, or both)")
+    check.add_argument("--dims", type=int, choices=(2, 3), default=None,
+                       help="check only the 2D or the 3D layout (default: every layout found)")
+    check.add_argument("--workers", type=int, default=None,
+                       help=f"reading processes (default: the usable cores, at most {MAX_DEFAULT_WORKERS})")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on bad usage, 0 for --help; main returns the code instead
@@ -460,9 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.data_dir.is_dir():
         print(f"dataset.py check: {args.data_dir} is not a folder", file=sys.stderr)
         return 2
-    import datacheck  # here, not at the top: datacheck imports this module
+    import datacheck  # here, not at the top: datacheck reads files through this module
 
-    return datacheck.print_report(args.data_dir, args.workers)
+    return datacheck.print_report(args.data_dir, args.workers, args.dims)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ ZOOMS = (0.9, 0.8, 2.5)  # distinct per axis so a mixed-up spacing order shows
 SMALL = DataConfig(target_size_2d=(16, 8))
 NAMINGS_3D = {
     "anon": ("semantic_MRs_anon", "semantic_labels_anon", "Case_{c}_Week{w}_LFOV", "Case_{c}_Week{w}_SEMANTIC_LFOV"),
-    "b": ("semantic_MRs", "semantic_labels_only", "B{c}_Week{w}_LFOV", "B{c}_Week{w}_SEMANTIC"),
+    "cluster": ("semantic_MRs", "semantic_labels_only", "{c}_Week{w}_LFOV", "{c}_Week{w}_SEMANTIC"),
 }
 
 
@@ -62,9 +62,11 @@ def make_2d(root: Path, splits=None, n_slices=3, shape=(16, 8), ext=".nii.gz", s
 
 
 def make_3d(root: Path, naming="anon", patients=("004", "005", "006"), weeks=(0, 1), shape=(16, 16, 8), seed=0):
+    """A 3D layout; in the cluster naming a patient is written with its letter ("K019"), "B" when given none."""
     image_dir, label_dir, image_name, label_name = NAMINGS_3D[naming]
     rng = np.random.default_rng(seed)
     for c in patients:
+        c = "B" + c if naming == "cluster" and c[0].isdigit() else c
         for w in weeks:
             image, label = random_pair(rng, shape)
             write_nifti(root / image_dir / (image_name.format(c=c, w=w) + ".nii.gz"), image)
@@ -106,7 +108,7 @@ def test_pairs_by_name_whatever_the_listing_order(tmp_path, monkeypatch):
     assert pairs[0].case_key == "case_004_week_0"
 
 
-@pytest.mark.parametrize("naming,key", [("anon", "Case_004_Week1"), ("b", "B004_Week1")])
+@pytest.mark.parametrize("naming,key", [("anon", "Case_004_Week1"), ("cluster", "B004_Week1")])
 def test_both_3d_namings(tmp_path, naming, key):
     root = make_3d(tmp_path, naming)
     pairs = dataset.find_pairs(root)
@@ -187,6 +189,40 @@ def test_nan_image_and_corrupt_file_are_named(tmp_path):
     (tmp_path / "junk.nii.gz").write_bytes(b"not a nifti")
     with pytest.raises(DataError, match="junk.nii.gz"):
         dataset.read_label(tmp_path / "junk.nii.gz")
+
+
+def test_a_misnamed_compression_says_rename_and_real_damage_says_re_copy(tmp_path, capsys):
+    """A .nii.gz holding plain NIfTI bytes (or a .nii holding gzip bytes) is told by its first bytes: rename it.
+    Only a file that is neither says re-copy."""
+    root = make_2d(tmp_path / "data")
+    plain = root / "keras_slices_train" / "case_004_week_0_slice_1.nii.gz"
+    nib.save(nib.load(plain), str(tmp_path / "plain.nii"))
+    plain.write_bytes((tmp_path / "plain.nii").read_bytes())
+    gzipped = root / "keras_slices_seg_train" / "seg_005_week_0_slice_0.nii"
+    (root / "keras_slices_seg_train" / "seg_005_week_0_slice_0.nii.gz").rename(gzipped)
+    with pytest.raises(DataError, match=r"case_004_week_0_slice_1.nii.gz: an uncompressed NIfTI file with a .gz "
+                                        r"name; rename it to case_004_week_0_slice_1.nii "):
+        dataset.read_image(plain)
+    with pytest.raises(DataError, match=r"seg_005_week_0_slice_0.nii: gzip-compressed bytes with a .nii name; "
+                                        r"rename it to seg_005_week_0_slice_0.nii.gz"):
+        dataset.read_label(gzipped)
+    assert dataset.main(["check", str(root), "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "problems: 2\n" in out and "uncompressed NIfTI file with a .gz name" in out and "corrupt" not in out
+    assert "gzip-compressed bytes with a .nii name" in out
+    truncated = write_nifti(tmp_path / "t.nii.gz", np.random.default_rng(0).random((64, 64)))
+    truncate(truncated)
+    (tmp_path / "noise.nii.gz").write_bytes(bytes(range(256)) * 4)
+    for damaged in (truncated, tmp_path / "noise.nii.gz"):
+        with pytest.raises(DataError, match="unreadable or corrupt NIfTI .*re-copy or re-download it"):
+            dataset.read_image(damaged)
+
+
+def test_default_workers_follow_the_usable_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert dataset.default_workers() == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert dataset.default_workers() == dataset.MAX_DEFAULT_WORKERS == 8
 
 
 def test_load_split_reports_shape_mismatch_with_both_files(tmp_path, cache):
@@ -338,7 +374,7 @@ def test_cache_never_inside_the_data_folder(tmp_path):
 
 def test_patient_split_is_disjoint_stable_and_seeded(tmp_path):
     patients = [f"{i:03d}" for i in range(4, 16)]
-    root = make_3d(tmp_path, "b", patients=patients, weeks=(0, 1, 2), shape=(2, 2, 2))
+    root = make_3d(tmp_path, "cluster", patients=patients, weeks=(0, 1, 2), shape=(2, 2, 2))
     pairs = dataset.find_pairs(root)
     split = dataset.split_by_patient(pairs, seed=0)
     assert split == dataset.split_by_patient(list(reversed(pairs)), seed=0)
