@@ -57,7 +57,7 @@ def resolve_config(cfg: TrainConfig, overrides: dict) -> TrainConfig:
     if cfg.data_dir is None:
         cfg = replace(cfg, data_dir=str(cache.default_phantom(cfg.cache_dir, "3d" if cfg.dims == 3 else "2d",
                                                               cfg.seed)))
-    layout_dims = 2 if dataset.detect_layout(cfg.data_dir) == "2d" else 3
+    layout_dims = 2 if dataset.detect_layout(cfg.data_dir, cfg.dims) == "2d" else 3
     if cfg.dims is not None and cfg.dims != layout_dims:
         raise SystemExit(f"--dims {cfg.dims} does not match the {layout_dims}D layout found in {cfg.data_dir}")
     return dims_defaults(replace(cfg, dims=layout_dims, out=out, data_dir=_absolute(cfg.data_dir),
@@ -330,9 +330,9 @@ def build_run(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
     if not ranks.is_main:
         barrier(ranks, slow=True)  # rank 0 builds the cache (and split.json) first; the others then read it
     train_cases = cache.load_split(cfg.data_dir, "train", data_cfg, cache_dir=cfg.cache_dir, split_file=split_file,
-                                   seed=cfg.seed, workers=cfg.workers)
+                                   seed=cfg.seed, workers=cfg.workers, spatial_dims=cfg.dims)
     val_cases = cache.load_split(cfg.data_dir, "validate", data_cfg, cache_dir=cfg.cache_dir, split_file=split_file,
-                                 seed=cfg.seed, workers=cfg.workers)
+                                 seed=cfg.seed, workers=cfg.workers, spatial_dims=cfg.dims)
     if ranks.is_main:
         barrier(ranks, slow=True)
         warn_if_no_test_split(cfg, split_file)
@@ -378,7 +378,7 @@ def warn_if_no_test_split(cfg: TrainConfig, split_file: Path | None) -> None:
                         " / ".join(f"{name} {n}" for name, n in sizes.items()), dataset.DataConfig().split_ratios)
         return
     try:
-        dataset.find_pairs(cfg.data_dir, "test")
+        dataset.find_pairs(cfg.data_dir, "test", spatial_dims=2)
     except dataset.DataError as exc:
         log.warning("no usable test split in %s (%s): predict.py --split test will fail", cfg.data_dir, exc)
 
