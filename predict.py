@@ -232,6 +232,8 @@ def write_case_masks(case_labels: np.ndarray, probs: torch.Tensor | None, pairs:
 def split_file_for(data_dir: str, given: str | None, default: Path | None) -> Path | None:
     """The split.json a 3D evaluation must use (None for the 2D layout, whose splits are folders)."""
     if dataset.detect_layout(data_dir) == "2d":
+        if given is not None:
+            log.warning("--split-file %s ignored: the 2D layout's splits are its folders", given)
         return None
     if given is None and default is None:
         raise InputError("--score with 3D data needs --split-file RUN/split.json: 3D splits are drawn at training "

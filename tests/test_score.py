@@ -220,6 +220,17 @@ def test_3d_mask_of_another_shape_is_refused(evaluated_3d, phantom_3d_small_dir,
     assert f"{path}: shape (64, 64, 31)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("where, message", [("missing", "no such folder"), ("same", "is the --score folder")])
+def test_score_folder_must_exist_and_differ_from_out(phantom_2d_dir, cache_dir, tmp_path, capsys, where, message):
+    pred_dir = tmp_path / "masks"
+    if where == "same":
+        label_masks(phantom_2d_dir, "test", pred_dir)
+    out = pred_dir if where == "same" else tmp_path / "out"
+    assert score(pred_dir, phantom_2d_dir, out, cache_dir) == 2
+    assert message in capsys.readouterr().err
+    assert not (pred_dir / "summary.json").exists()
+
+
 @pytest.mark.parametrize("argv", [
     ["--score", "p", "--checkpoint", "c", "--data-dir", "d", "--out", "o"],
     ["--score", "p", "--data-dir", "d", "--out", "o", "--tta"],
