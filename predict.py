@@ -53,9 +53,9 @@ log = logging.getLogger("hipmri.predict")
 PREDICTIONS_DIR = "predictions"  # where evaluating a split writes its masks, inside OUT
 
 USAGE = """
-  %(prog)s --checkpoint RUN/best.pt --data-dir DIR [--split test] --out OUT [options]   (evaluate a split)
-  %(prog)s --checkpoint RUN/best.pt --input FILE_OR_DIR --out OUT [options]             (unlabelled images)
-  %(prog)s --score PRED_DIR --data-dir DIR [--split test] [--split-file F] --out OUT    (score masks)"""
+  %(prog)s --checkpoint RUN/best.pt --data-dir DIR [--split test] --out OUT [options]  # evaluate a split
+  %(prog)s --checkpoint RUN/best.pt --input FILE_OR_DIR --out OUT [options]  # unlabelled images
+  %(prog)s --score PRED_DIR --data-dir DIR [--split test] [--split-file RUN/split.json] --out OUT  # score masks"""
 
 
 class InputError(Exception):

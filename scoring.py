@@ -10,8 +10,8 @@ label file (shape, geometry, class values), listing every problem at once:
     3D, per scan    Case_004_Week0_SEMANTIC_LFOV.nii.gz, Case_004_Week0_LFOV.nii.gz or Case_004_Week0.nii.gz
                     (the label name, the image name or the case; likewise B006_Week0_SEMANTIC.nii.gz, ...)
 
-Names match case-insensitively, .nii or .nii.gz. A 2D scan's volume is what an nnU-Net export of the scan holds
-(its 60 slices stacked in slice order on the last axis) and what nnU-Net predicts for it.
+Names match case-insensitively, .nii or .nii.gz. An nnU-Net export of a 2D scan that stacks its slices this way
+(last axis, slice order, slice 0's affine) gets predictions from nnU-Net that score as they are.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import cache
 import dataset
 import report
 
-NIFTI_ENDINGS = (".nii.gz", ".nii")  # matched case-insensitively
 log = logging.getLogger("hipmri.scoring")
 
+NIFTI_ENDINGS = (".nii.gz", ".nii")  # matched case-insensitively
 LISTED = 20  # problems of one kind listed before "... and N more"
 
 
@@ -50,8 +50,6 @@ def probs_name(name: str) -> str:
     """Where --save-probs puts the probabilities of the mask `name`: seg_..._slice_7_probs.nii.gz."""
     stem = nifti_stem(name)
     return f"{stem}_probs{name[len(stem):]}"
-
-
 
 
 # ---------------------------------------------------------------- one path to the reports
