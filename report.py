@@ -3,6 +3,9 @@
 Metrics follow DESIGN.md: hard Dice per case and class (NaN when both prediction and label are empty,
 left out of the mean and counted), HD95 and ASSD in mm from the voxel spacing, volumes in ml. The
 headline "mean foreground Dice" is the mean of the per-class means over the five foreground classes.
+HD95 and ASSD are undefined (NaN, left out of their means) when a class is missed or spurious, so
+summary.json/.md count those cases per class beside the means. `Evaluation` is the one path from a
+case's (prediction, label, spacing, image) to these reports, whoever made the prediction.
 """
 
 from __future__ import annotations
@@ -41,8 +44,21 @@ def per_case_table(rows: list[dict], column: str) -> np.ndarray:
     return table
 
 
+def presence_counts(rows: list[dict]) -> dict[str, dict[str, int]]:
+    """Per class, over cases: "truth_present" (the label holds the class), "missed" (label holds it, prediction
+    has none) and "spurious" (prediction holds it, label has none). Volumes are voxel counts times a positive
+    voxel volume, so a volume of 0 is an empty mask exactly."""
+    gt_present = per_case_table(rows, "gt_ml") > 0
+    pred_present = per_case_table(rows, "pred_ml") > 0
+    counts = {"truth_present": gt_present, "missed": gt_present & ~pred_present,
+              "spurious": pred_present & ~gt_present}
+    return {key: {name: int(table[:, c].sum()) for c, name in enumerate(utils.CLASS_NAMES)}
+            for key, table in counts.items()}
+
+
 def summarise_rows(rows: list[dict]) -> dict:
-    """summary.json: the DESIGN.md contract plus std, NaN counts and ASSD."""
+    """summary.json: the DESIGN.md contract plus std, NaN counts, ASSD and per class the cases where the class
+    was missed or spurious (HD95/ASSD leave those out of their means)."""
     dice = metrics.summarise(per_case_table(rows, "dice"), utils.CLASS_NAMES)
     hd95 = metrics.summarise(per_case_table(rows, "hd95_mm"), utils.CLASS_NAMES)
     assd = metrics.summarise(per_case_table(rows, "assd_mm"), utils.CLASS_NAMES)
@@ -52,24 +68,35 @@ def summarise_rows(rows: list[dict]) -> dict:
         "dice_mean": dice["mean"], "dice_std": dice["std"], "dice_n_nan": dice["n_nan"],
         "hd95_mean": hd95["mean"], "hd95_std": hd95["std"], "hd95_n_nan": hd95["n_nan"],
         "assd_mean": assd["mean"], "assd_std": assd["std"],
+        **presence_counts(rows),
     }
 
 
 def markdown_table(summary: dict) -> str:
     lines = [f"{summary['n_cases']} cases; mean foreground Dice {summary['mean_foreground_dice']:.4f} "
              "(hard Dice per case, background excluded)", "",
-             "| class | Dice mean ± std | HD95 mm mean ± std | ASSD mm mean | NaN cases (Dice / HD95) |",
-             "|---|---|---|---|---|"]
+             "| class | Dice mean ± std | HD95 mm mean ± std | missed | spurious | ASSD mm mean "
+             "| NaN cases (Dice / HD95) |",
+             "|---|---|---|---|---|---|---|"]
     for name in utils.CLASS_NAMES:
         dice = _pm(summary["dice_mean"][name], summary["dice_std"][name], 4)
         hd95 = _pm(summary["hd95_mean"][name], summary["hd95_std"][name], 2)
+        missed = f"{summary['missed'][name]} of {summary['truth_present'][name]}"
         nans = f"{summary['dice_n_nan'][name]} / {summary['hd95_n_nan'][name]}"
-        lines.append(f"| {name} | {dice} | {hd95} | {summary['assd_mean'][name]:.2f} | {nans} |")
+        lines.append(f"| {name} | {dice} | {hd95} | {missed} | {summary['spurious'][name]} "
+                     f"| {_number(summary['assd_mean'][name], 2)} | {nans} |")
+    lines += ["", "missed: the label holds the class and the prediction has none of it (of the cases whose label "
+              "holds it); spurious: the prediction holds a class the label lacks. HD95 and ASSD are undefined "
+              "for both and left out of their means, so read those means beside these counts."]
     return "\n".join(lines) + "\n"
 
 
 def _pm(mean: float, std: float, digits: int) -> str:
     return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _number(value: float, digits: int) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 # ---------------------------------------------------------------- what the pictures need
@@ -94,6 +121,27 @@ class PictureCases:
 
     def _take(self, index: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
         return tuple(np.take(a, index, axis=self.slice_axis).copy() for a in arrays)
+
+
+@dataclass
+class Evaluation:
+    """Metric rows and picture slices gathered case by case, then written by `write`: the one path from a
+    prediction to the reports, for our own predictions and for masks scored with `predict.py --score`."""
+    slice_axis: int = 0  # see PictureCases
+    rows: list[dict] = field(default_factory=list)
+    pictures: PictureCases = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pictures = PictureCases(slice_axis=self.slice_axis)
+
+    def add(self, key: str, pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], image: np.ndarray) -> None:
+        """One case: `pred`, `gt` uint8 label maps and `image` (display intensities) of one shape at the label
+        files' resolution, `spacing` mm per axis."""
+        self.rows.extend(case_rows(key, pred, gt, spacing))
+        self.pictures.add(key, image, gt, pred, spacing)
+
+    def write(self, out: Path, title: str) -> dict:
+        return write_reports(self.rows, self.pictures, out, title)
 
 
 def write_reports(rows: list[dict], pictures: PictureCases, out: Path, title: str) -> dict:

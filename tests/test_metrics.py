@@ -9,6 +9,7 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDistanceMe
 from scipy import ndimage
 
 import metrics
+import report
 
 C = 6
 NAMES = ("background", "body", "bone", "bladder", "rectum", "prostate")
@@ -196,6 +197,37 @@ def test_summarise_ignores_and_counts_nan_and_leaves_background_out_of_the_foreg
     assert summary["n_nan"] == {"background": 0, "body": 0, "bone": 1, "bladder": 0, "rectum": 2, "prostate": 0}
     assert np.isnan(summary["mean"]["rectum"]) and np.isnan(summary["std"]["rectum"])
     assert summary["mean_foreground"] == pytest.approx((0.7 + 0.5 + 0.3 + 0.6) / 4)
+
+
+def _cube_case(classes):
+    """A 12x12x6 label map: body everywhere, and a 3x4x2 cube of each class in `classes` (3..5) at its own place."""
+    label = np.ones((12, 12, 6), np.uint8)
+    for c in classes:
+        x = 2 + 3 * (c - 3)
+        label[x:x + 3, 4:8, 2:4] = c
+    return label
+
+
+def test_summary_counts_missed_and_spurious_beside_the_means():
+    """Three cases: found, prostate missed, prostate missed plus a bladder the label lacks. HD95's mean leaves
+    the misses out (it equals a perfect model's), so the counts must show them, in summary.json and .md."""
+    spacing = (1.0, 1.0, 2.0)
+    cases = [(_cube_case([3, 5]), _cube_case([3, 5])),  # (prediction, label)
+             (_cube_case([3]), _cube_case([3, 5])),
+             (_cube_case([3, 4]), _cube_case([4, 5]))]
+    rows = [row for i, (pred, gt) in enumerate(cases) for row in report.case_rows(f"case{i}", pred, gt, spacing)]
+    perfect = [row for i, (_, gt) in enumerate(cases) for row in report.case_rows(f"case{i}", gt, gt, spacing)]
+    summary, ideal = report.summarise_rows(rows), report.summarise_rows(perfect)
+    assert summary["hd95_mean"]["prostate"] == ideal["hd95_mean"]["prostate"] == 0.0
+    assert summary["truth_present"] == {"background": 0, "body": 3, "bone": 0, "bladder": 2, "rectum": 1,
+                                        "prostate": 3}
+    assert summary["missed"] == {"background": 0, "body": 0, "bone": 0, "bladder": 0, "rectum": 0, "prostate": 2}
+    assert summary["spurious"] == {"background": 0, "body": 0, "bone": 0, "bladder": 1, "rectum": 0, "prostate": 0}
+    assert sum(ideal["missed"].values()) == sum(ideal["spurious"].values()) == 0
+    assert summary["hd95_n_nan"]["prostate"] == 2 and summary["dice_n_nan"]["bone"] == 3
+    table = report.markdown_table(summary)
+    assert "| prostate | 0.3333 ± 0.4714 | 0.00 ± 0.00 | 2 of 3 | 0 |" in table
+    assert "| bladder | 0.6667 ± 0.4714 | 0.00 ± 0.00 | 0 of 2 | 1 |" in table
 
 
 @pytest.mark.parametrize(

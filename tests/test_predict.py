@@ -1,6 +1,7 @@
 """predict.py: known-answer evaluation with oracle models, NIfTI geometry, original sizes, unlabelled input."""
 
 import json
+import os
 import shutil
 
 import nibabel as nib
@@ -138,6 +139,60 @@ def test_unlabelled_single_slice_matches_the_evaluated_split(run_2d, phantom_2d_
     alone = np.asarray(nib.load(tmp_path / "single" / image.name).dataobj)
     in_case = np.asarray(nib.load(tmp_path / "split" / "predictions" / image.name.replace("case_", "seg_")).dataobj)
     assert (alone == in_case).mean() > 0.999
+
+
+def test_a_batch_segments_every_good_file_and_lists_every_bad_one(run_2d, phantom_2d_dir, phantom_3d_small_dir,
+                                                                   tmp_path, capsys):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    good = sorted((phantom_2d_dir / "keras_slices_test").iterdir())[:2]
+    for path in good:
+        shutil.copy(path, inputs / path.name)
+    (inputs / "corrupt.nii.gz").write_bytes(b"not a gzip stream")
+    image = nib.load(good[0])
+    with_nan = image.get_fdata(dtype=np.float32)
+    with_nan[3, 4] = np.nan
+    nib.save(nib.Nifti1Image(with_nan, image.affine), inputs / "with_nan.nii")
+    shutil.copy(next((phantom_3d_small_dir / "semantic_MRs_anon").iterdir()), inputs / "volume.nii.gz")
+    (inputs / "README.md").write_text("notes")  # not NIfTI: ignored, not a failure
+    (inputs / ".DS_Store").write_bytes(b"\x00\x01")
+    (inputs / "subfolder").mkdir()
+    assert predict.main(["--checkpoint", str(run_2d / "best.pt"), "--input", str(inputs), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "segmented 2 of 5 file(s)" in captured.out and "3 failed" in captured.out
+    for name, reason in [("corrupt.nii.gz", "unreadable"), ("with_nan.nii", "NaN"), ("volume.nii.gz", "3D checkpoint")]:
+        assert any(f"{inputs / name}: " in line and reason in line for line in captured.err.splitlines()), name
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in good)
+
+
+@pytest.mark.parametrize("bad", ["corrupt", "not_nifti_inside"])
+def test_one_bad_input_file_is_refused_naming_it(run_2d, tmp_path, capsys, bad):
+    path = tmp_path / "scan.nii.gz"
+    path.write_bytes(b"\x1f\x8b truncated" if bad == "corrupt" else b"plain text, not NIfTI")
+    assert predict.main(["--checkpoint", str(run_2d / "best.pt"), "--input", str(path), "--out",
+                         str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert "segmented 0 of 1 file(s)" in captured.out and f"{path}: unreadable" in captured.err
+
+
+def test_a_write_failing_mid_batch_leaves_no_partial_mask(run_2d, phantom_2d_dir, tmp_path, monkeypatch, capsys):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    images = sorted((phantom_2d_dir / "keras_slices_test").iterdir())[:3]
+    for path in images:
+        shutil.copy(path, inputs / path.name)
+    real_fsync, calls = os.fsync, []
+
+    def full_disk_on_the_second_mask(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk_on_the_second_mask)
+    assert predict.main(["--checkpoint", str(run_2d / "best.pt"), "--input", str(inputs), "--out", str(out)]) == 2
+    assert f"{inputs / images[1].name}: OSError: [Errno 28] No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [images[0].name, images[2].name]  # no temporary file left
 
 
 @pytest.mark.parametrize("setup, message", [
