@@ -43,6 +43,7 @@ import augment
 import cache
 import dataset
 import inference
+import layouts
 import report
 import scoring
 import utils
@@ -79,6 +80,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
     source.add_argument("--input", metavar="FILE_OR_DIR",
                         help="with --checkpoint: a NIfTI image or a folder of them (no labels needed): masks only. "
                              "Non-NIfTI files in the folder are ignored")
+    data.add_argument("--dims", type=int, choices=(2, 3),
+                      help="with --score: which layout of a --data-dir that holds both (the cluster copy); "
+                           "with --checkpoint it comes from the checkpoint")
     data.add_argument("--split", default="test", choices=dataset.SPLITS, help="split to evaluate (default: test)")
     data.add_argument("--split-file", metavar="RUN/split.json",
                       help="3D: the run's split.json (default with --checkpoint: beside it; required with --score)")
@@ -229,9 +233,10 @@ def write_case_masks(case_labels: np.ndarray, probs: torch.Tensor | None, pairs:
 # ---------------------------------------------------------------- labelled split: predict and evaluate
 
 
-def split_file_for(data_dir: str, given: str | None, default: Path | None) -> Path | None:
+def split_file_for(data_dir: str, spatial_dims: int | None, given: str | None,
+                   default: Path | None) -> Path | None:
     """The split.json a 3D evaluation must use (None for the 2D layout, whose splits are folders)."""
-    if dataset.detect_layout(data_dir) == "2d":
+    if dataset.detect_layout(data_dir, spatial_dims) == "2d":
         if given is not None:
             log.warning("--split-file %s ignored: the 2D layout's splits are its folders", given)
         return None
@@ -249,9 +254,9 @@ def evaluate_split(predictor: Predictor, args: argparse.Namespace, out: Path) ->
     """Predict every case of the split, compute per-case metrics at the original resolution, write everything."""
     split_file = None
     if predictor.spatial_dims == 3:
-        split_file = split_file_for(args.data_dir, args.split_file, Path(args.checkpoint).parent / "split.json")
+        split_file = split_file_for(args.data_dir, 3, args.split_file, Path(args.checkpoint).parent / "split.json")
     cases = cache.load_split(args.data_dir, args.split, predictor.data_config, cache_dir=args.cache_dir,
-                             split_file=split_file)
+                             split_file=split_file, spatial_dims=predictor.spatial_dims)
     if predictor.spatial_dims != cases.spatial_dims:
         raise InputError(f"{args.checkpoint} holds a {predictor.spatial_dims}D model but {args.data_dir} is a "
                          f"{cases.spatial_dims}D layout")
@@ -276,12 +281,12 @@ def list_inputs(input_path: Path, out: Path) -> list[Path]:
     if not input_path.exists():
         raise InputError(f"--input {input_path}: no such file or folder")
     if input_path.is_file():
-        if not scoring.is_nifti(input_path):
+        if not layouts.is_nifti(input_path.name):
             raise InputError(f"--input {input_path}: not a NIfTI file (.nii or .nii.gz)")
         files = [input_path]
     else:
         entries = sorted(p for p in input_path.iterdir() if p.is_file())
-        files = [p for p in entries if scoring.is_nifti(p)]
+        files = [p for p in entries if layouts.is_nifti(p.name)]
         if not files:
             raise InputError(f"--input {input_path}: no .nii or .nii.gz files in this folder")
         if len(entries) > len(files):
@@ -327,7 +332,7 @@ def mask_folder(pred_dir: Path) -> Path:
     """PRED_DIR, or its predictions/ subfolder when PRED_DIR is one of our prediction folders."""
     if not pred_dir.is_dir():
         raise InputError(f"--score {pred_dir}: no such folder")
-    if not any(scoring.is_nifti(p) for p in pred_dir.iterdir()) and (pred_dir / PREDICTIONS_DIR).is_dir():
+    if not any(layouts.is_nifti(p.name) for p in pred_dir.iterdir()) and (pred_dir / PREDICTIONS_DIR).is_dir():
         log.info("--score %s: no masks here; scoring %s", pred_dir, pred_dir / PREDICTIONS_DIR)
         return pred_dir / PREDICTIONS_DIR
     return pred_dir
@@ -337,9 +342,9 @@ def score_masks(args: argparse.Namespace, out: Path) -> dict:
     """Judge the masks in args.score against the labels of args.split with the metrics and reports of
     evaluate_split. All masks are checked first: every problem is listed in one DataError, nothing is written."""
     pred_dir = mask_folder(Path(args.score))
-    split_file = split_file_for(args.data_dir, args.split_file, None)
+    split_file = split_file_for(args.data_dir, args.dims, args.split_file, None)
     cases = cache.load_split(args.data_dir, args.split, dataset.DataConfig(), cache_dir=args.cache_dir,
-                             split_file=split_file)
+                             split_file=split_file, spatial_dims=args.dims)
     preds = scoring.load_masks(pred_dir, cases)
     evaluation = report.Evaluation(scoring.slice_axis(cases.spatial_dims))
     for index in tqdm(range(len(cases)), desc=f"score {args.split}", unit="scan", disable=None):

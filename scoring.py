@@ -29,21 +29,11 @@ from tqdm import tqdm
 import cache
 import dataset
 import report
+from layouts import is_nifti, nifti_stem
 
 log = logging.getLogger("hipmri.scoring")
 
-NIFTI_ENDINGS = (".nii.gz", ".nii")  # matched case-insensitively
 LISTED = 20  # problems of one kind listed before "... and N more"
-
-
-def is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_ENDINGS)
-
-
-def nifti_stem(name: str) -> str:
-    """The name without its .nii/.nii.gz ending (any case)."""
-    ending = next((e for e in NIFTI_ENDINGS if name.lower().endswith(e)), "")
-    return name[:len(name) - len(ending)]
 
 
 def probs_name(name: str) -> str:
@@ -117,7 +107,7 @@ def accepted_names(cases: cache.CaseSet) -> dict[str, MaskSlot]:
 def index_masks(pred_dir: Path, names: dict[str, MaskSlot], problems: dict[str, list[str]]) -> dict[MaskSlot, Path]:
     """Mask files by slot; files matching no scan of the split, and two files for one slot, go to `problems`."""
     found: dict[MaskSlot, Path] = {}
-    for path in sorted(p for p in pred_dir.iterdir() if p.is_file() and is_nifti(p)):
+    for path in sorted(p for p in pred_dir.iterdir() if p.is_file() and is_nifti(p.name)):
         stem = nifti_stem(path.name).lower()
         slot = names.get(stem)
         if slot is None and stem.endswith("_probs") and stem.removesuffix("_probs") in names:
