@@ -3,8 +3,10 @@
 
 import json
 import math
+import re
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +147,11 @@ def test_cuda_smoke_run_writes_the_gpu_fields(phantom_2d_dir, tmp_path, capsys):
     if result["infer_3d"]["max_abs_diff_vs_monai"] is not None:  # our sliding window on the GPU agrees with MONAI's
         assert result["infer_3d"]["max_abs_diff_vs_monai"] < 2e-2
     assert "| sampling_3d: share of a 3D step, scans in host memory |" in capsys.readouterr().out
+
+
+def test_readme_states_the_gpu_targets():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### On a GPU: targets, not yet measured", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([\w.]+)`[^|]*\| ([<>=]+ [\d.]+) \| not yet \|$", section, flags=re.M)
+    assert {path: target for path, target in rows} == {
+        path: f"{comparison} {bound:g}" for path, (comparison, bound) in bench.GPU_TARGETS.items()}
