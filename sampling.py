@@ -193,7 +193,7 @@ class DeviceBatchSource:
         items = self._epoch_items(epoch).reshape(self.steps, self.batch_size)
         starts = self._patch_starts(epoch, items) if self.spatial_dims == 3 else None
         if self.spatial_dims == 2:  # one copy of the epoch's indices to where the slices are, not one per batch
-            indices = torch.from_numpy(items)
+            indices = torch.from_numpy(np.ascontiguousarray(items))  # a strided copy could not be asynchronous
             indices = self._to_device(indices) if self.placement == "device" else indices
         for step in range(start_batch, self.steps):
             if self.spatial_dims == 2:
