@@ -2,23 +2,33 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch on this project's machines; on a GPU node install your CUDA build of torch into
-# .venv first (see README), then `make venv TORCH_SPEC=torch` keeps it.
+# torch: TORCH_SPEC is installed when .venv has no torch yet or when it is given (command line, environment); a torch
+# already in .venv (your CUDA build on a GPU node, see README) is kept otherwise. Either way the other requirements
+# are installed under a constraint pinning the torch that is there, so pip can never replace it (MONAI, a test
+# dependency, needs torch >= 2.8 in its latest releases: with an older torch pip picks an older MONAI instead).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_PIN := $(VENV)/torch-constraint.txt
 # Demo data and runs live here (ignored by git); the phantom is generated once.
 DEMO := demo
 DEMO_MINUTES ?= 10
 DEMO3D_MINUTES ?= 8
 
-.PHONY: venv test lint demo demo3d bench readme clean-demo
+.PHONY: venv test lint gpu-check demo demo3d bench readme clean-demo
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@echo ">> creating the virtual environment $(VENV) and installing the requirements"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	@if [ "$(origin TORCH_SPEC)" != "file" ] || ! $(PY) -c "import torch" 2>/dev/null; then \
+		echo ">> installing $(TORCH_SPEC)"; \
+		$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"; \
+	else \
+		echo ">> keeping the torch already in $(VENV) (TORCH_SPEC=... on the command line replaces it)"; \
+	fi
+	$(PY) -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > $(TORCH_PIN)
+	@echo ">> torch pinned for the other requirements: $$(cat $(TORCH_PIN))"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c $(TORCH_PIN) -r requirements.txt -r requirements-dev.txt
 	@touch $@
 
 test: venv
@@ -27,6 +37,11 @@ test: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+
+# On a GPU node: the CUDA tests (`pytest -m cuda`) and `bench.py --device cuda --quick`, then a pass/fail table,
+# in under 10 minutes; without a GPU it says so and exits 0 having run nothing.
+gpu-check: venv
+	$(PY) tools/gpu_check.py
 
 # ---- 2D demo: phantom -> train (time budget) -> evaluate on the test split
 $(DEMO)/phantom2d/phantom.json: | venv

@@ -5,6 +5,9 @@
 transforms move image and label together (the label by nearest neighbour, so no false classes
 appear at borders); intensity transforms touch the image only. Every random number comes from
 `generator`, which must live on the batch's device, so a seeded generator reproduces a batch exactly.
+On a GPU nothing here reads a value back to the host (no `.item()`, `nonzero()` or `if tensor`): each would
+stall the host until the queued training step had finished. Where the CPU skips work for samples that were not
+drawn, a GPU does it for the whole batch and masks the result, which gives the same values.
 """
 
 from __future__ import annotations
@@ -60,6 +63,17 @@ def augment_batch(image: torch.Tensor, label: torch.Tensor, generator: torch.Gen
     return _random_intensity(image, generator, cfg), label
 
 
+def _flags_readable(device: torch.device) -> bool:
+    """Whether reading a tensor's values on the host is free: on the CPU; on a GPU it is a device-to-host sync."""
+    return device.type == "cpu"
+
+
+def _none_chosen(chosen: torch.Tensor) -> bool:
+    """True when no sample is chosen and that can be known without a sync (tensors on the CPU); elsewhere False,
+    and the caller does the work for every sample, masked by `chosen`."""
+    return _flags_readable(chosen.device) and not bool(chosen.any())
+
+
 def _chosen(batch: int, prob: float, generator: torch.Generator) -> torch.Tensor:
     """Bool (B,): which samples get a transform applied with probability `prob`."""
     return torch.rand(batch, generator=generator, device=generator.device) < prob
@@ -89,19 +103,25 @@ def _random_affine(image, label, generator, cfg):
     scale = _chosen(batch, cfg.scale_prob, generator)
     angles = _uniform(batch, -1.0, 1.0, generator) * math.radians(cfg.max_rotate_degrees) * rotate
     factors = torch.where(scale, _uniform(batch, *cfg.scale_range, generator), torch.ones_like(angles))
-    chosen = (rotate | scale).nonzero().squeeze(1)
-    if chosen.numel() == 0:  # note: a device-to-host sync, cheaper than resampling a batch for nothing
-        return image, label
-    theta = _sampling_matrices(angles[chosen], factors[chosen], image.shape[2:])
-    grid = F.affine_grid(theta, [len(chosen), 1, *image.shape[2:]], align_corners=False)
+    chosen = rotate | scale
+    if _flags_readable(image.device):  # resample only the samples drawn
+        index = chosen.nonzero().squeeze(1)
+        if index.numel() == 0:
+            return image, label
+    else:  # resample all and keep the drawn ones: picking them out would need their count on the host
+        index = torch.arange(batch, device=image.device)
+    theta = _sampling_matrices(angles[index], factors[index], image.shape[2:])
+    grid = F.affine_grid(theta, [len(index), 1, *image.shape[2:]], align_corners=False)
     # Resample (image - min) with zero padding so the corners brought in by a rotation look like background.
-    part = image[chosen]
+    part, part_label = image[index], label[index]
     low = part.amin(dim=tuple(range(1, part.ndim)), keepdim=True)
     moved = F.grid_sample(part - low, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + low
-    moved_label = F.grid_sample(label[chosen].unsqueeze(1).float(), grid, mode="nearest", padding_mode="zeros",
+    moved_label = F.grid_sample(part_label.unsqueeze(1).float(), grid, mode="nearest", padding_mode="zeros",
                                 align_corners=False).squeeze(1).round().long()
+    keep = chosen[index]
     image, label = image.clone(), label.clone()
-    image[chosen], label[chosen] = moved.to(image.dtype), moved_label
+    image[index] = torch.where(_per_sample(keep, part.ndim), moved.to(image.dtype), part)
+    label[index] = torch.where(_per_sample(keep, part_label.ndim), moved_label, part_label)
     return image, label
 
 
@@ -116,7 +136,8 @@ def _sampling_matrices(angles: torch.Tensor, factors: torch.Tensor, spatial_shap
     cos, sin = torch.cos(angles), torch.sin(angles)
     matrix[:, 0, 0], matrix[:, 0, 1], matrix[:, 1, 0], matrix[:, 1, 1] = cos, -sin, sin, cos
     matrix = matrix / factors.view(n, 1, 1)  # zoom in by f: output pixel p reads input p / f
-    half = torch.tensor([s / 2 for s in spatial_shape], device=angles.device, dtype=matrix.dtype)
+    # Made on the host and sent without blocking: torch.tensor(..., device=cuda) would wait for the queued kernels.
+    half = torch.tensor([s / 2 for s in spatial_shape], dtype=matrix.dtype).to(angles.device, non_blocking=True)
     matrix = matrix * half.view(1, 1, dims) / half.view(1, dims, 1)  # diag(1/half) @ M @ diag(half)
     matrix = matrix.flip(1).flip(2)  # tensor-axis order -> affine_grid's (x=last axis, y, z) order
     return torch.cat([matrix, torch.zeros(n, dims, 1, device=angles.device, dtype=matrix.dtype)], dim=2)
@@ -139,7 +160,7 @@ def _random_intensity(image, generator, cfg):
     shift = _uniform(batch, -cfg.brightness_shift, cfg.brightness_shift, generator)
     image = image + _per_sample(shift * _chosen(batch, cfg.brightness_prob, generator), ndim)
     sigma = _uniform(batch, 0.0, cfg.noise_std, generator) * _chosen(batch, cfg.noise_prob, generator)
-    if bool((sigma > 0).any()):
+    if not _none_chosen(sigma > 0):  # the last draw of a batch: skipping it changes no other
         noise = torch.randn(image.shape, generator=generator, device=image.device, dtype=image.dtype)
         image = image + noise * _per_sample(sigma, ndim)
     return image
@@ -149,10 +170,11 @@ def _random_bias_field(image, low, generator, cfg):
     """Multiply (image - min) by exp(smooth field): the slow shading of MR receive coils."""
     batch, spatial_dims = image.shape[0], image.ndim - 2
     chosen = _chosen(batch, cfg.bias_prob, generator)
-    if not bool(chosen.any()):
-        return image
+    # Drawn whether or not any sample is chosen, so that the draws after it are the same on every device.
     coarse = torch.randn((batch, 1) + (4,) * spatial_dims, generator=generator, device=image.device)
+    if _none_chosen(chosen):
+        return image
     mode = "bilinear" if spatial_dims == 2 else "trilinear"
     field = F.interpolate(coarse, size=image.shape[2:], mode=mode, align_corners=True)
-    gain = torch.exp(cfg.bias_strength * field * _per_sample(chosen, image.ndim))
-    return (image - low) * gain.to(image.dtype) + low
+    shaded = (image - low) * torch.exp(cfg.bias_strength * field).to(image.dtype) + low
+    return torch.where(_per_sample(chosen, image.ndim), shaded, image)  # (image - low) + low is not always image

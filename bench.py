@@ -3,21 +3,25 @@
     python bench.py [--device cpu|cuda] [--quick] [--out bench.json] [--data-dir DIR] [--cache-dir DIR]
 
 Prints a Markdown table and writes JSON. Sections, one log line each:
-- matmul_flops: dense matrix-multiply FLOP/s per dtype, the limit;
+- matmul_flops: dense matrix-multiply FLOP/s per dtype, the limit (CUDA: 8192^2; fp32 with TF32 off, and "tf32"
+  with it on, on GPUs that have it);
 - train_2d, train_3d: train.py's step (autocast forward, Dice+CE, backward, clipping, AdamW) of the default UNet,
   (a) fp32 contiguous, (b) the TrainConfig defaults (AMP, channels-last); FLOPs from torch.utils.flop_counter
   over a same-dtype matmul timed between the steps; MONAI's BasicUNet of equal widths under (b) beside ours;
+  CUDA also: (b) with the other memory format, and the peak memory of a step;
 - data: warm cache vs per-file nibabel reading; share of a training step spent sampling a batch on the device;
 - epoch: seconds per epoch, a student-style pipeline (nibabel per file, DataLoader, fp32, contiguous) vs ours;
+- sampling_3d (CUDA): share of a 3D step spent sampling a batch with the scans on the GPU and in host memory;
 - infer_2d: slices/s; infer_3d: seconds per volume by sliding window, ours vs MONAI's sliding_window_inference.
 On shared machines only ratios from one run mean anything: timings are medians after warm-up, and ours and the
-peer alternate so that a change in load hits both. --quick shrinks repeats and 3D sizes (JSON:
-settings.reduced_from_full).
+peer alternate so that a change in load hits both. --quick shrinks repeats and (on a CPU) 3D sizes (JSON:
+settings.reduced_from_full). Targets: TARGETS on a CPU, GPU_TARGETS on CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import functools
 import gc
@@ -41,13 +45,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import phantom
 from augment import AugmentConfig
-from cache import default_cache_dir, load_split
+from cache import CaseSet, default_cache_dir, load_split
 from config import TrainConfig, dims_defaults, model_args
 from dataset import DataConfig, detect_layout, find_pairs, preprocess_image
 from inference import predict_case, window_starts
 from losses import make_loss
 from modules import UNet
-from sampling import DeviceBatchSource, measure_read_speed
+from sampling import DeviceBatchSource, measure_read_speed, working_memory_bytes
 from train import make_optimizer
 from utils import (
     NUM_CLASSES,
@@ -70,6 +74,15 @@ TARGETS = {  # issue 7's targets on the 2-core CPU: JSON path -> (comparison, bo
     "train_2d.ratio_vs_monai": (">=", 1.0), "train_3d.ratio_vs_monai": (">=", 1.0),
     "infer_3d.ratio_vs_monai": (">=", 1.0), "data.cache_speedup": (">=", 50.0),
     "data.sampling_share_of_step": ("<", 0.05), "epoch_speedup_vs_student": (">=", 4.0),
+}
+GPU_TARGETS = {  # issue 13's targets on a GPU (bench.py --device cuda): JSON path -> (comparison, bound)
+    "train_2d.ratio_vs_monai": (">=", 1.0), "train_3d.ratio_vs_monai": (">=", 1.0),
+    "infer_3d.ratio_vs_monai": (">=", 1.0), "epoch_speedup_vs_student": (">=", 4.0),
+    # A GPU step takes milliseconds: sampling a batch, from scans on the GPU or in host memory, must stay small.
+    "data.sampling_share_of_step": ("<", 0.05), "sampling_3d.device_share_of_step": ("<", 0.05),
+    "sampling_3d.host_share_of_step": ("<", 0.05),
+    # A step fits in what sampling.working_memory_bytes keeps free beside a split on the GPU.
+    "train_2d.peak_share_of_reserve": ("<", 1.0), "train_3d.peak_share_of_reserve": ("<", 1.0),
 }
 
 
@@ -108,6 +121,55 @@ PLANS = {
                   phantom=(4, 1), epoch_batches=1, read_files=4, sample_batches=2, infer_slices=2, infer_repeats=1,
                   infer_repeats_3d=1),
 }
+CUDA_PLAN_CHANGES = {  # a GPU step takes milliseconds: a matmul big enough to reach the GPU's rate, full-size 3D,
+    # a second warm-up step (cuDNN's autotuning, the allocator's first growth), more repeats
+    "full": {"matmul_size": 8192, "matmul_repeats": 10, "warmup": 2, "repeats_2d": 20, "repeats_2d_fp32": 10,
+             "repeats_3d": 10, "repeats_3d_fp32": 5, "sample_batches": 50, "infer_repeats": 5, "infer_repeats_3d": 3},
+    "quick": {"matmul_size": 8192, "warmup": 2, "repeats_2d": 10, "repeats_2d_fp32": 5, "repeats_3d": 5,
+              "repeats_3d_fp32": 3, "patch_3d": None, "volume_3d": (256, 256, 128)},
+}
+
+
+def plan_for(name: str, device: torch.device) -> Plan:
+    """PLANS[name], with CUDA_PLAN_CHANGES on a GPU."""
+    return replace(PLANS[name], **CUDA_PLAN_CHANGES.get(name, {})) if device.type == "cuda" else PLANS[name]
+
+
+@contextlib.contextmanager
+def cublas_tf32(enabled: bool) -> Iterator[None]:
+    """fp32 matrix multiplies on CUDA as TF32 (enabled) or in full fp32 inside the block, restored after. Through
+    torch's fp32_precision flag where it exists (2.9+), as reading the old allow_tf32 flag after the new one was
+    set raises there."""
+    matmul = torch.backends.cuda.matmul
+    flag, value = ("fp32_precision", "tf32" if enabled else "ieee") if hasattr(matmul, "fp32_precision") else (
+        "allow_tf32", enabled)
+    before = getattr(matmul, flag)
+    setattr(matmul, flag, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, flag, before)
+
+
+def tf32_in_use() -> dict[str, bool]:
+    """Whether CUDA runs fp32 matmuls (cuBLAS) and convolutions (cuDNN) as TF32 now (torch's defaults: no, yes)."""
+    try:
+        return {"matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+                "cudnn_conv": bool(torch.backends.cudnn.allow_tf32)}
+    except RuntimeError:  # torch >= 2.9 after someone set the new flags: read those
+        return {"matmul": torch.backends.cuda.matmul.fp32_precision == "tf32",
+                "cudnn_conv": torch.backends.cudnn.conv.fp32_precision == "tf32"}
+
+
+def matmul_precisions(device: torch.device) -> list[tuple[str, torch.dtype, bool | None]]:
+    """(name, dtype, TF32 on/off or None: leave as is) for the matmul reference: fp32 and bf16 on a CPU; on a GPU
+    fp32 without TF32, fp32 with TF32 ("tf32") and bf16 where the GPU has them natively (compute capability 8.0+:
+    torch emulates bf16 on older GPUs), and fp16."""
+    if device.type != "cuda":
+        return [("fp32", torch.float32, None), ("bf16", torch.bfloat16, None)]
+    ampere = torch.cuda.get_device_capability(device) >= (8, 0)
+    return [("fp32", torch.float32, False), *([("tf32", torch.float32, True)] if ampere else []),
+            *([("bf16", torch.bfloat16, None)] if ampere else []), ("fp16", torch.float16, None)]
 
 
 @dataclass(frozen=True)
@@ -265,14 +327,15 @@ def peak_memory_mb(bench: Bench, fn: Callable[[], object]) -> tuple[object, floa
 # ---------------------------------------------------------------- sections
 
 
-def bench_matmul(bench: Bench, dtypes: list[torch.dtype]) -> dict[str, float]:
-    """Dense square matmul FLOP/s (2 n^3 per product) per dtype, median of repeats."""
+def bench_matmul(bench: Bench, precisions: list[tuple[str, torch.dtype, bool | None]]) -> dict[str, float]:
+    """Dense square matmul FLOP/s (2 n^3 per product) per matmul_precisions entry, median of repeats."""
     flops = {}
-    for dtype in dtypes:
+    for name, dtype, tf32 in precisions:
         run = _matmul(bench, dtype)
-        run()
-        seconds = statistics.median(bench.seconds(run) for _ in range(bench.plan.matmul_repeats))
-        flops[DTYPE_NAMES[dtype]] = 2 * bench.plan.matmul_size**3 / seconds
+        with cublas_tf32(tf32) if tf32 is not None else contextlib.nullcontext():
+            run()
+            seconds = statistics.median(bench.seconds(run) for _ in range(bench.plan.matmul_repeats))
+        flops[name] = 2 * bench.plan.matmul_size**3 / seconds
     return flops
 
 
@@ -283,15 +346,19 @@ def bench_train(bench: Bench, spatial_dims: int) -> dict:
     shape = DataConfig().target_size_2d if spatial_dims == 2 else (plan.patch_3d or bench.cfg.patch_size)
     image = torch.randn(batch, 1, *shape, device=bench.device)
     label = torch.randint(0, NUM_CLASSES, (batch, *shape), device=bench.device)
+    cuda = bench.device.type == "cuda"
     models = {"fp32": (bench.ours(spatial_dims), Setting()), "default": (bench.ours(spatial_dims), bench.default),
               "monai": (bench.peer(spatial_dims), bench.default)}
+    if cuda:  # the default with the other memory format: channels-last is not faster everywhere on a GPU
+        flipped = replace(bench.default, channels_last=not bench.default.channels_last)
+        models["flipped"] = (bench.ours(spatial_dims), flipped)
     steps = {name: functools.partial(make_train_step(bench, model, spatial_dims, setting), image, label)
              for name, (model, setting) in models.items() if model is not None}
     flops = {}
     for name, step in steps.items():
         # Compiled models compile on their first call and may recompile on the next (after the FLOP count).
         for k in range(plan.warmup + (2 if models[name][1].compile else 0)):
-            if k == 0 and name != "default":  # the default variant does the same arithmetic as fp32
+            if k == 0 and name in ("fp32", "monai"):  # the other variants do the same arithmetic as fp32
                 with FlopCounterMode(display=False) as counter:
                     step()
                 flops[name] = counter.get_total_flops()
@@ -299,6 +366,11 @@ def bench_train(bench: Bench, spatial_dims: int) -> dict:
                 step()
     amp = DTYPE_NAMES[bench.default.amp_dtype or torch.float32]
     matmuls = {"fp32": _matmul(bench, torch.float32), amp: _matmul(bench, bench.default.amp_dtype or torch.float32)}
+    # On a GPU the fp32 step's convolutions run as TF32 where cuDNN is allowed to: compare them with TF32 matmuls.
+    fp32_reference = "fp32"
+    if cuda and amp != "fp32" and tf32_in_use()["cudnn_conv"] and ("tf32", torch.float32, True) in matmul_precisions(
+            bench.device):
+        matmuls["fp32"], fp32_reference = _with_tf32(matmuls["fp32"]), "tf32"
     for run in matmuls.values():
         run()
     repeats = {"fp32": plan.repeats_2d_fp32 if spatial_dims == 2 else plan.repeats_3d_fp32,
@@ -308,14 +380,50 @@ def bench_train(bench: Bench, spatial_dims: int) -> dict:
         for variant, dtype in (("fp32", "fp32"), ("default", amp)):
             if r < repeats[variant]:
                 times[f"matmul_{dtype}"].append(bench.seconds(matmuls[dtype]))
-                for name in [variant] + (["monai"] if variant == "default" and "monai" in steps else []):
+                group = ["fp32"] if variant == "fp32" else ["default", "monai", "flipped"]
+                for name in [name for name in group if name in steps]:
                     times[name].append(bench.seconds(steps[name]))
     figures = _train_figures(times, flops["fp32"], batch, amp, plan.matmul_size, statistics.median)
     fastest = _train_figures(times, flops["fp32"], batch, amp, plan.matmul_size, min)
     return {**figures, "flops_per_step": flops["fp32"], "matmul_dtype": amp, "monai_flops_per_step": flops.get("monai"),
             "fastest_repeats": {k: fastest[k] for k in ("fraction_of_matmul", "speedup_vs_fp32", "ratio_vs_monai")},
             "seconds": times, "batch": batch, "input_shape": list(shape), "norm": bench.norm(spatial_dims),
-            "features": list(bench.features())}
+            "features": list(bench.features()), "fp32_matmul_reference": fp32_reference,
+            **_memory_format_figures(bench, times), **_train_memory(bench, spatial_dims, models, steps, shape)}
+
+
+def _with_tf32(run: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    def run_as_tf32() -> torch.Tensor:
+        with cublas_tf32(True):
+            return run()
+
+    return run_as_tf32
+
+
+def _memory_format_figures(bench: Bench, times: dict[str, list[float]]) -> dict:
+    """CUDA: channels-last vs contiguous for the default step (AMP), from the default and flipped variants."""
+    if "flipped" not in times:
+        return {"channels_last_speedup": None, "faster_memory_format": None}
+    seconds = {bench.default.channels_last: statistics.median(times["default"]),
+               not bench.default.channels_last: statistics.median(times["flipped"])}
+    speedup = seconds[False] / seconds[True]
+    return {"channels_last_speedup": speedup, "faster_memory_format": "channels_last" if speedup > 1 else "contiguous"}
+
+
+def _train_memory(bench: Bench, spatial_dims: int, models: dict, steps: dict, shape) -> dict:
+    """CUDA: peak memory of one more default step (and the peer's): torch.cuda.max_memory_allocated above what was
+    allocated before it, plus the weights and AdamW's two moments, allocated before; and that peak over the reserve
+    sampling.working_memory_bytes keeps beside a split on the GPU."""
+    if bench.device.type != "cuda":
+        return {"peak_memory_mb": None, "monai_peak_memory_mb": None, "peak_share_of_reserve": None, "reserve_mb": None}
+    peak = {}
+    for name in ("default", "monai"):
+        if name in steps:
+            weights = sum(p.numel() * p.element_size() for p in models[name][0].parameters())
+            peak[name] = peak_memory_mb(bench, steps[name])[1] + 3 * weights / 2**20
+    reserve = working_memory_bytes(spatial_dims, bench.batch(spatial_dims), shape, width=bench.features()[0])
+    return {"peak_memory_mb": peak["default"], "monai_peak_memory_mb": peak.get("monai"),
+            "peak_share_of_reserve": peak["default"] * 2**20 / reserve, "reserve_mb": reserve / 2**20}
 
 
 def _train_figures(times: dict[str, list[float]], flops: int, batch: int, amp: str, matmul_size: int,
@@ -457,14 +565,38 @@ def _monai_sliding_window(bench: Bench, model: nn.Module, volume: torch.Tensor, 
         mode="gaussian", sigma_scale=0.125))
 
 
+@functools.cache
+def phantom_volume(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """One phantom scan of `shape` as the cache holds it: image (preprocess_image's dtype), label uint8."""
+    from phantom_anatomy import make_patient, make_volume
+
+    image, label, _ = make_volume(make_patient(np.random.default_rng(0)), week=0, seed=0, shape=shape)
+    return preprocess_image(image, 3, DataConfig()), label
+
+
+def bench_sampling_3d(bench: Bench, step_seconds: float) -> dict:
+    """Mean time to sample one (augmented) batch of 3D patches of the default size from two phantom scans, with the
+    scans on the device and in host memory (DeviceBatchSource's placements), over the default 3D step's median."""
+    plan, patch = bench.plan, tuple(bench.plan.patch_3d or bench.cfg.patch_size)
+    image, label = phantom_volume(plan.volume_3d)
+    cases = CaseSet(3, ["a", "b"], [image, image], [label, label], [(1.0, 1.0, 1.0)] * 2, [image.shape] * 2, [[], []])
+    result = {}
+    for placement in ("device", "host"):
+        source = DeviceBatchSource(cases, bench.batch(3), bench.device, patch_size=patch, seed=bench.cfg.seed,
+                                   augment=AugmentConfig() if bench.cfg.augment else None, placement=placement)
+        batches = _endless(source)
+        next(batches)
+        seconds = statistics.mean(bench.seconds(functools.partial(next, batches)) for _ in range(plan.sample_batches))
+        result.update({f"{placement}_seconds_mean": seconds, f"{placement}_share_of_step": seconds / step_seconds})
+    return {**result, "step_seconds_median": step_seconds, "batch": bench.batch(3), "patch": list(patch),
+            "augment": bench.cfg.augment, "note": "host: patches cut in host memory, copied to the device per batch"}
+
+
 def bench_infer_3d(bench: Bench) -> dict:
     """A phantom volume by Gaussian-weighted sliding window (training patch, overlap 0.5, predict.py's window
     batch): ours (inference.predict_case, with its peak memory) vs MONAI's on the same model and settings."""
-    from phantom_anatomy import make_patient, make_volume
-
     plan, patch, amp_dtype = bench.plan, bench.plan.patch_3d or bench.cfg.patch_size, bench.default.amp_dtype
-    image = make_volume(make_patient(np.random.default_rng(0)), week=0, seed=0, shape=plan.volume_3d)[0]
-    volume = torch.from_numpy(preprocess_image(image, 3, DataConfig()).astype(np.float32)).to(bench.device)
+    volume = torch.from_numpy(phantom_volume(plan.volume_3d)[0].astype(np.float32)).to(bench.device)
     windows = int(np.prod([len(window_starts(s, p, 0.5)) for s, p in zip(volume.shape, patch)]))
     model = bench.ours(3).to(memory_format=channels_last_format(3)).eval()
     runs = {"ours": functools.partial(predict_case, model, volume, 3, patch, bench.device, amp_dtype, overlap=0.5,
@@ -507,10 +639,10 @@ def _lookup(result: dict, path: str):
     return result
 
 
-def check_targets(result: dict) -> dict:
-    """Each of TARGETS with the measured value and whether it is met (None: not measured)."""
+def check_targets(result: dict, targets: dict | None = None) -> dict:
+    """Each of `targets` (default TARGETS) with the measured value and whether it is met (None: not measured)."""
     checks = {}
-    for path, (comparison, bound) in TARGETS.items():
+    for path, (comparison, bound) in (TARGETS if targets is None else targets).items():
         value = _lookup(result, path)
         met = None if value is None else bool(value >= bound if comparison == ">=" else value < bound)
         checks[path] = {"value": value, "target": f"{comparison} {bound:g}", "met": met}
@@ -540,6 +672,15 @@ OTHER_ROWS = (
     ("infer_3d: ours / MONAI (speed)", "infer_3d.ratio_vs_monai"),
     ("infer_3d: peak memory MB", "infer_3d.peak_memory_mb"),
     ("infer_3d: MONAI peak memory MB", "infer_3d.monai_peak_memory_mb"))
+GPU_TRAIN_ROWS = (
+    ("{part} default: peak memory MB", "{part}.peak_memory_mb"),
+    ("{part} MONAI BasicUNet default: peak memory MB", "{part}.monai_peak_memory_mb"),
+    ("{part} default: peak memory / sampling reserve", "{part}.peak_share_of_reserve"),
+    ("{part} default: channels-last / contiguous (speed)", "{part}.channels_last_speedup"))
+GPU_ROWS = tuple((label.format(part=part), path.format(part=part)) for part in ("train_2d", "train_3d")
+                 for label, path in GPU_TRAIN_ROWS) + (
+    ("sampling_3d: share of a 3D step, scans on the device", "sampling_3d.device_share_of_step"),
+    ("sampling_3d: share of a 3D step, scans in host memory", "sampling_3d.host_share_of_step"))
 
 
 def markdown_table(result: dict) -> str:
@@ -549,7 +690,7 @@ def markdown_table(result: dict) -> str:
                  for label, path in TRAIN_ROWS]
     lines = [f"device {result['device']}, plan {result['settings']['plan']['name']}", "",
              "| measure | value | target | met |", "|---|---:|---|---|"]
-    for label, path in rows + list(OTHER_ROWS):
+    for label, path in rows + list(OTHER_ROWS) + (list(GPU_ROWS) if result["device"].startswith("cuda") else []):
         value, target = _lookup(result, path), result["targets"].get(path, {})
         value = value * 1e-9 if value is not None and "flops" in path else value
         shown = "n/a" if value is None else f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
@@ -561,7 +702,8 @@ def markdown_table(result: dict) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: the best available)")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller 3D sizes (< 2 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats; on a CPU also smaller 3D sizes (< 2 min on 2 cores)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests: tiny model and sizes
     parser.add_argument("--out", default="bench.json", help="JSON results (default: bench.json)")
     parser.add_argument("--data-dir", help="a 2D-layout HipMRI root (default: a phantom generated once in the cache)")
@@ -598,7 +740,7 @@ def describe(bench: Bench) -> dict:
         monai_version = monai.__version__
     except ImportError:
         monai_version = None
-    plan, full = asdict(bench.plan), asdict(PLANS["full"])
+    plan, full = asdict(bench.plan), asdict(plan_for("full", bench.device))
     return {"plan": plan, "reduced_from_full": {k: v for k, v in plan.items() if v != full[k] and k != "name"},
             "amp_dtype": DTYPE_NAMES[bench.default.amp_dtype or torch.float32],
             "channels_last": bench.cfg.channels_last,
@@ -606,20 +748,30 @@ def describe(bench: Bench) -> dict:
             "threads": torch.get_num_threads(), "torch": torch.__version__, "monai": monai_version,
             "peer": "monai BasicUNet(features=(*ours, ours[0]), act=relu, same norm, bias=False, upsample=deconv)",
             "data_dir": str(bench.data_dir), "loss": bench.cfg.loss, "predict_batch": PREDICT_BATCH,
-            # On CUDA, fp32 convolutions may run as TF32 while the fp32 matmul reference does not.
-            "cuda_tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
-            if bench.device.type == "cuda" else None}
+            "cuda": describe_cuda(bench.device) if bench.device.type == "cuda" else None}
+
+
+def describe_cuda(device: torch.device) -> dict:
+    """The GPU and the CUDA settings the figures depend on. fp32 convolutions may run as TF32 (cudnn_conv) while
+    matmul_flops.fp32 does not; the train sections' fp32_matmul_reference says which they were compared with."""
+    props = torch.cuda.get_device_properties(device)
+    return {"name": props.name, "compute_capability": list(torch.cuda.get_device_capability(device)),
+            "memory_gb": props.total_memory / 1e9, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "cudnn_benchmark": torch.backends.cudnn.benchmark, "tf32": tf32_in_use()}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    plan = PLANS["smoke" if args.smoke else "quick" if args.quick else "full"]
+    device = choose_device(args.device)
+    plan = plan_for("smoke" if args.smoke else "quick" if args.quick else "full", device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device.type == "cuda":  # as train.py: every shape here is fixed, so cuDNN's autotuned choice pays off
+        torch.backends.cudnn.benchmark = True
     started, load_before = time.perf_counter(), os.getloadavg()
-    bench = Bench(plan, replace(TrainConfig(), compile=args.compile), choose_device(args.device),
-                  ensure_data(args, plan), Path(args.cache_dir) if args.cache_dir else None)
+    bench = Bench(plan, replace(TrainConfig(), compile=args.compile), device, ensure_data(args, plan),
+                  Path(args.cache_dir) if args.cache_dir else None)
     keeps_memory = args.keep_freed_memory and keep_freed_memory(bench.device)
     result = {"device": str(bench.device), "settings": {**describe(bench), "keep_freed_memory": keeps_memory}}
     if load_before[0] > 0.5 * (os.cpu_count() or 1):
@@ -635,16 +787,16 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         return result[name]
 
-    dtypes = [torch.float32, torch.bfloat16] if bench.device.type != "cuda" else [
-        torch.float32, *([torch.bfloat16] if torch.cuda.is_bf16_supported() else []), torch.float16]
-    section("matmul_flops", lambda: bench_matmul(bench, dtypes))
+    section("matmul_flops", lambda: bench_matmul(bench, matmul_precisions(bench.device)))
     step_seconds = statistics.median(section("train_2d", lambda: bench_train(bench, 2))["seconds"]["default"])
     section("data", lambda: bench_data(bench, step_seconds))
     result["epoch_speedup_vs_student"] = section("epoch", lambda: bench_epoch(bench))["speedup"]
     section("infer_2d", lambda: bench_infer_2d(bench))
-    section("train_3d", lambda: bench_train(bench, 3))
+    step_seconds = statistics.median(section("train_3d", lambda: bench_train(bench, 3))["seconds"]["default"])
+    if bench.device.type == "cuda":
+        section("sampling_3d", lambda: bench_sampling_3d(bench, step_seconds))
     section("infer_3d", lambda: bench_infer_3d(bench))
-    result["targets"] = check_targets(result)
+    result["targets"] = check_targets(result, GPU_TARGETS if bench.device.type == "cuda" else TARGETS)
     result["seconds_total"] = time.perf_counter() - started
     result["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
     write_json(args.out, result)

@@ -1,11 +1,13 @@
 """Batches from a decoded split: `DeviceBatchSource` keeps a CaseSet's labelled scans on the training device
-and samples (image, label) batches there (2D whole slices; 3D patches with foreground oversampling, then
-`augment.augment_batch` on the device); `SliceDataset` serves the same 2D slices to a torch DataLoader;
-`measure_read_speed` times reading a split through the cache against reading the files with nibabel.
+(or, when they would not fit beside the model, in host memory) and samples (image, label) batches there (2D whole
+slices; 3D patches with foreground oversampling, then `augment.augment_batch` on the device); `SliceDataset` serves
+the same 2D slices to a torch DataLoader; `measure_read_speed` times reading a split through the cache against
+reading the files with nibabel.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -20,7 +22,51 @@ from cache import CaseSet, load_split
 from dataset import DataError
 from utils import NUM_CLASSES
 
-__all__ = ["DeviceBatchSource", "SliceDataset", "measure_read_speed"]
+__all__ = ["DeviceBatchSource", "SliceDataset", "choose_placement", "free_device_memory", "measure_read_speed",
+           "working_memory_bytes"]
+
+log = logging.getLogger("hipmri.sampling")
+
+PLACEMENTS = ("auto", "device", "host")
+# What autograd saves per input voxel of a training batch, for the default UNet widths (16..256) in fp32 (--no-amp,
+# the largest case), measured with torch.autograd.graph.saved_tensors_hooks on the default steps: 2D 1380 B (batch
+# norm), 3D 938 B; bf16 autocast saves 740 / 584 B.
+SAVED_BYTES_PER_VOXEL = {2: 1400, 3: 950}
+FIXED_WORKING_BYTES = 2**30  # CUDA libraries' handles and workspaces, weights and optimiser, validation's windows
+
+
+def working_memory_bytes(spatial_dims: int, batch_size: int, item_shape: Sequence[int], width: int = 16) -> int:
+    """Device memory a training step needs beside the data, estimated for a UNet whose first stage has `width`
+    channels (activations grow in proportion): twice what autograd saves for a batch of `batch_size` items of
+    `item_shape` (the second half: the gradients alive during backward, cuDNN's workspaces and the allocator's
+    slack) plus FIXED_WORKING_BYTES. Default 3D (2 patches of 128x128x64): 5.1 GB; default 2D (8 slices of
+    256x128): 1.8 GB."""
+    voxels = batch_size * math.prod(int(s) for s in item_shape)
+    return int(2 * SAVED_BYTES_PER_VOXEL[spatial_dims] * voxels * width / 16) + FIXED_WORKING_BYTES
+
+
+def free_device_memory(device: torch.device) -> int | None:
+    """Bytes free on `device` now, as the driver counts them (other processes' use included), or None where the
+    device has no memory of its own to run out of (CPU) or torch cannot say (MPS)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return None
+
+
+def choose_placement(placement: str, needed: int, free: int | None, reserve: int) -> tuple[str, str]:
+    """("device" | "host", why) for a split of `needed` bytes: "auto" keeps it on the device when it fits beside
+    `reserve` bytes of working memory in `free` (None: no limit known), else in host memory."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, not {placement!r}")
+    gb = f"{needed / 1e9:.2f} GB of scans"
+    if placement != "auto":
+        return placement, f"{gb}, placement={placement} asked for"
+    if free is None:
+        return "device", f"{gb}, no device memory limit to check"
+    verdict = "fit" if needed + reserve <= free else "do not fit"
+    return ("device" if verdict == "fit" else "host"), (
+        f"{gb} + {reserve / 1e9:.2f} GB reserved for the model's working memory {verdict} in "
+        f"{free / 1e9:.2f} GB free")
 
 
 def _rng(*numbers: int) -> np.random.Generator:
@@ -29,6 +75,11 @@ def _rng(*numbers: int) -> np.random.Generator:
 
 class DeviceBatchSource:
     """A split's labelled scans as tensors on `device`, sampled into (image, label) batches there.
+
+    Placement: "device" keeps the scans on `device` and cuts batches there; "host" keeps them in host memory, cuts
+    each batch there into pinned memory (on CUDA) and copies it to `device` without blocking; "auto" (default)
+    chooses "device" when the split fits in the device's free memory beside `reserve_bytes` (default
+    `working_memory_bytes` for this batch) and logs the choice. Both give the same batches.
 
     2D: samples are whole slices (B, 1, H, W). 3D: patches (B, 1, *patch_size) cut at native resolution;
     a `foreground_fraction` of each epoch's patches (rounded up) is centred on a voxel of a foreground class
@@ -44,7 +95,7 @@ class DeviceBatchSource:
     def __init__(self, cases: CaseSet, batch_size: int, device: torch.device | str = "cpu",
                  patch_size: Sequence[int] | None = None, foreground_fraction: float = 1 / 3, seed: int = 0,
                  rank: int = 0, world_size: int = 1, augment: AugmentConfig | None = None,
-                 steps_per_epoch: int | None = None):
+                 steps_per_epoch: int | None = None, placement: str = "auto", reserve_bytes: int | None = None):
         labelled = [i for i, label in enumerate(cases.labels) if label is not None]
         if not labelled:
             raise DataError("DeviceBatchSource: the split has no labelled scans to train on")
@@ -54,15 +105,18 @@ class DeviceBatchSource:
         if self.spatial_dims == 2:
             if patch_size is not None:
                 raise ValueError("DeviceBatchSource: 2D trains on whole slices; pass patch_size=None")
-            self.images = torch.from_numpy(np.concatenate([cases.images[i] for i in labelled])).to(self.device)
-            self.labels = torch.from_numpy(np.concatenate([cases.labels[i] for i in labelled])).to(self.device)
+            self._place(placement, reserve_bytes, [cases.images[i].shape for i in labelled], labelled)
+            self.images = torch.from_numpy(np.concatenate([cases.images[i] for i in labelled])).to(self.store)
+            self.labels = torch.from_numpy(np.concatenate([cases.labels[i] for i in labelled])).to(self.store)
             self.num_items = len(self.images)
             default_steps = self.num_items // world_size // batch_size
         else:
             if patch_size is None or len(patch_size) != 3:
                 raise ValueError(f"DeviceBatchSource: 3D needs a patch_size of 3 ints, not {patch_size}")
             self.patch_size = tuple(int(p) for p in patch_size)
-            self._volumes_to_device(cases, labelled)
+            padded = [tuple(max(p, s) for p, s in zip(self.patch_size, cases.images[i].shape)) for i in labelled]
+            self._place(placement, reserve_bytes, padded, labelled)
+            self._volumes_to_store(cases, labelled)
             self.num_items = len(self.volumes)
             default_steps = 250
         if self.num_items < world_size:
@@ -71,7 +125,35 @@ class DeviceBatchSource:
         if self.spatial_dims == 2:  # a split smaller than one batch per rank still gives one (smaller) batch
             self.batch_size = min(batch_size, self.num_items // world_size)
 
-    def _volumes_to_device(self, cases: CaseSet, labelled: list[int]) -> None:
+    def _place(self, placement: str, reserve_bytes: int | None, shapes: list[tuple[int, ...]],
+               labelled: list[int]) -> None:
+        """Set self.placement ("device" | "host") and self.store (where the scans live); log the choice and why."""
+        voxel_bytes = self.cases.images[labelled[0]].itemsize + self.cases.labels[labelled[0]].itemsize
+        needed = sum(math.prod(shape) for shape in shapes) * voxel_bytes
+        if reserve_bytes is None:
+            item_shape = shapes[0][1:] if self.spatial_dims == 2 else self.patch_size
+            reserve_bytes = working_memory_bytes(self.spatial_dims, self.batch_size, item_shape)
+        free = free_device_memory(self.device) if placement == "auto" else None
+        self.placement, why = choose_placement(placement, needed, free, reserve_bytes)
+        self.store = self.device if self.placement == "device" else torch.device("cpu")
+        if self.placement == "device":
+            log.info("training split on %s: %s", self.device, why)
+        else:
+            log.info("training split in host memory, each batch copied to %s: %s", self.device, why)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the training device without blocking the host: on CUDA through pinned memory (a copy
+        from pageable memory, or any copy without non_blocking, waits for the queued kernels)."""
+        if self.device.type == "cuda" and not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
+    def _host_buffer(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """An empty host tensor to gather a batch into: pinned on CUDA, so its copy can run asynchronously (torch's
+        pinned-memory cache reuses it only after that copy has finished)."""
+        return torch.empty(tuple(shape), dtype=dtype, pin_memory=self.device.type == "cuda")
+
+    def _volumes_to_store(self, cases: CaseSet, labelled: list[int]) -> None:
         self.volumes, self.volume_labels, self.centres = [], [], []
         for i in labelled:
             image, label = np.array(cases.images[i]), np.array(cases.labels[i])  # copies: off the read-only mmap
@@ -79,8 +161,8 @@ class DeviceBatchSource:
             if any(after for _, after in pad):
                 image = np.pad(image, pad, constant_values=image.min())
                 label = np.pad(label, pad, constant_values=0)
-            self.volumes.append(torch.from_numpy(np.ascontiguousarray(image)).to(self.device))
-            self.volume_labels.append(torch.from_numpy(np.ascontiguousarray(label)).to(self.device))
+            self.volumes.append(torch.from_numpy(np.ascontiguousarray(image)).to(self.store))
+            self.volume_labels.append(torch.from_numpy(np.ascontiguousarray(label)).to(self.store))
             self.centres.append(self._class_centres(label))
 
     def _class_centres(self, label: np.ndarray) -> dict[int, np.ndarray]:
@@ -110,11 +192,12 @@ class DeviceBatchSource:
         """Yield (image float32 (B, 1, *S), label int64 (B, *S)) on the device; `start_batch` skips ahead."""
         items = self._epoch_items(epoch).reshape(self.steps, self.batch_size)
         starts = self._patch_starts(epoch, items) if self.spatial_dims == 3 else None
+        if self.spatial_dims == 2:  # one copy of the epoch's indices to where the slices are, not one per batch
+            indices = torch.from_numpy(np.ascontiguousarray(items))  # a strided copy could not be asynchronous
+            indices = self._to_device(indices) if self.placement == "device" else indices
         for step in range(start_batch, self.steps):
             if self.spatial_dims == 2:
-                index = torch.from_numpy(items[step]).to(self.device)
-                image = self.images.index_select(0, index).unsqueeze(1).float()
-                label = self.labels.index_select(0, index).long()
+                image, label = self._gather_slices(indices[step])
             else:
                 image, label = self._cut_patches(items[step], starts[step])
             if self.augment is not None:
@@ -141,13 +224,32 @@ class DeviceBatchSource:
                 starts[k] = [rng.integers(h + 1) for h in high]
         return starts.reshape(*items.shape, 3)
 
+    def _gather_slices(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image float32 (B, 1, H, W), label int64 (B, H, W)) on the device; `index` lives with the scans."""
+        if self.placement == "device":
+            image, label = self.images.index_select(0, index), self.labels.index_select(0, index)
+        else:
+            image = torch.index_select(self.images, 0, index,
+                                       out=self._host_buffer((len(index), *self.images.shape[1:]), self.images.dtype))
+            label = torch.index_select(self.labels, 0, index,
+                                       out=self._host_buffer((len(index), *self.labels.shape[1:]), self.labels.dtype))
+            image, label = self._to_device(image), self._to_device(label)  # compact dtypes over the bus
+        return image.unsqueeze(1).float(), label.long()
+
     def _cut_patches(self, items: np.ndarray, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image float32 (B, 1, *patch), label int64 (B, *patch)) on the device, cut where the scans are."""
         images, labels = [], []
         for item, (x, y, z) in zip(items, starts):
             px, py, pz = self.patch_size
             images.append(self.volumes[item][x:x + px, y:y + py, z:z + pz])
             labels.append(self.volume_labels[item][x:x + px, y:y + py, z:z + pz])
-        return torch.stack(images).unsqueeze(1).float(), torch.stack(labels).long()
+        if self.placement == "device":
+            image, label = torch.stack(images), torch.stack(labels)
+        else:
+            shape = (len(images), *self.patch_size)
+            image = self._to_device(torch.stack(images, out=self._host_buffer(shape, images[0].dtype)))
+            label = self._to_device(torch.stack(labels, out=self._host_buffer(shape, labels[0].dtype)))
+        return image.unsqueeze(1).float(), label.long()
 
 
 class SliceDataset(torch.utils.data.Dataset):

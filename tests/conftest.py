@@ -1,6 +1,19 @@
-"""Shared fixtures: small phantom data sets in the real layouts, generated once per test session."""
+"""Shared fixtures: small phantom data sets in the real layouts, generated once per test session; tests marked
+`cuda` are skipped, with the reason, where torch sees no CUDA device."""
 
 import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    reason = (f"needs a CUDA GPU; torch {torch.__version__} sees none (CUDA build: {torch.version.cuda or 'no'}). "
+              "On a GPU node `make gpu-check` runs these")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")
