@@ -52,7 +52,7 @@ from inference import predict_case, window_starts
 from losses import make_loss
 from modules import UNet
 from sampling import DeviceBatchSource, measure_read_speed, working_memory_bytes
-from train import make_optimizer
+from train import make_optimizer, make_scaler
 from utils import (
     NUM_CLASSES,
     amp_dtype_for,
@@ -250,14 +250,14 @@ class Bench:
 def make_train_step(bench: Bench, model: nn.Module, spatial_dims: int,
                     setting: Setting) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """train.py's optimiser step as a function of (image float (B, 1, *S), label int64 (B, *S)) on the device:
-    autocast forward, Dice+CE, backward (GradScaler with fp16), unscale, clip, AdamW, zero_grad."""
+    autocast forward, Dice+CE, backward (train.make_scaler's GradScaler), unscale, clip, AdamW, zero_grad."""
     memory_format, cfg = channels_last_format(spatial_dims), bench.cfg
     if setting.channels_last:
         model = model.to(memory_format=memory_format)
     net = torch.compile(model) if setting.compile else model
     loss_fn = make_loss(cfg.loss, NUM_CLASSES).to(bench.device)
     optimiser = make_optimizer(model, cfg, bench.device)
-    scaler = torch.amp.GradScaler(bench.device.type, enabled=setting.amp_dtype == torch.float16)
+    scaler = make_scaler(bench.device, setting.amp_dtype)
     model.train()
 
     def step(image: torch.Tensor, label: torch.Tensor) -> None:

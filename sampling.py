@@ -79,7 +79,8 @@ class DeviceBatchSource:
     Placement: "device" keeps the scans on `device` and cuts batches there; "host" keeps them in host memory, cuts
     each batch there into pinned memory (on CUDA) and copies it to `device` without blocking; "auto" (default)
     chooses "device" when the split fits in the device's free memory beside `reserve_bytes` (default
-    `working_memory_bytes` for this batch) and logs the choice. Both give the same batches.
+    `working_memory_bytes` for this batch and a UNet whose first stage has `model_width` channels) and logs the
+    choice. Both give the same batches.
 
     2D: samples are whole slices (B, 1, H, W). 3D: patches (B, 1, *patch_size) cut at native resolution;
     a `foreground_fraction` of each epoch's patches (rounded up) is centred on a voxel of a foreground class
@@ -95,13 +96,14 @@ class DeviceBatchSource:
     def __init__(self, cases: CaseSet, batch_size: int, device: torch.device | str = "cpu",
                  patch_size: Sequence[int] | None = None, foreground_fraction: float = 1 / 3, seed: int = 0,
                  rank: int = 0, world_size: int = 1, augment: AugmentConfig | None = None,
-                 steps_per_epoch: int | None = None, placement: str = "auto", reserve_bytes: int | None = None):
+                 steps_per_epoch: int | None = None, placement: str = "auto", reserve_bytes: int | None = None,
+                 model_width: int = 16):
         labelled = [i for i, label in enumerate(cases.labels) if label is not None]
         if not labelled:
             raise DataError("DeviceBatchSource: the split has no labelled scans to train on")
         self.cases, self.spatial_dims, self.device = cases, cases.spatial_dims, torch.device(device)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.augment, self.foreground_fraction = augment, foreground_fraction
+        self.augment, self.foreground_fraction, self.model_width = augment, foreground_fraction, model_width
         if self.spatial_dims == 2:
             if patch_size is not None:
                 raise ValueError("DeviceBatchSource: 2D trains on whole slices; pass patch_size=None")
@@ -132,7 +134,7 @@ class DeviceBatchSource:
         needed = sum(math.prod(shape) for shape in shapes) * voxel_bytes
         if reserve_bytes is None:
             item_shape = shapes[0][1:] if self.spatial_dims == 2 else self.patch_size
-            reserve_bytes = working_memory_bytes(self.spatial_dims, self.batch_size, item_shape)
+            reserve_bytes = working_memory_bytes(self.spatial_dims, self.batch_size, item_shape, self.model_width)
         free = free_device_memory(self.device) if placement == "auto" else None
         self.placement, why = choose_placement(placement, needed, free, reserve_bytes)
         self.store = self.device if self.placement == "device" else torch.device("cpu")

@@ -340,7 +340,7 @@ def build_run(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
     source = sampling.DeviceBatchSource(
         train_cases, patch_size=cfg.patch_size if cfg.dims == 3 else None, batch_size=cfg.batch_size, device=device,
         seed=cfg.seed, foreground_fraction=cfg.foreground_fraction, steps_per_epoch=cfg.steps_per_epoch,
-        rank=ranks.rank, world_size=ranks.world_size, augment=augment)
+        rank=ranks.rank, world_size=ranks.world_size, augment=augment, model_width=cfg.features[0])
     model = UNet(**model_args(cfg))
     if cfg.init_from:
         model.load_state_dict(utils.load_checkpoint(cfg.init_from)["model"])
