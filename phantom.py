@@ -1,9 +1,12 @@
 """Synthetic HipMRI-like pelvic MR data in the real study's file layouts (the default data set).
 
-The volumes come from phantom_anatomy.make_volume (geometry, anatomy and intensities are described there);
-this module names, splits and writes them. The 2D layout's slices are vol[:, y, :] (axial, 256 x 128) from a
-central band of 60 rows. Every volume is seeded on its own, so equal arguments give byte-identical files.
-See `write_dataset` for the files written.
+The volumes come from phantom_anatomy.make_volume (geometry, anatomy and intensities are described there) and
+the list of scans with their header facts from phantom_plan.plan_scans; this module names and writes them. As in
+the public audit of the real files (DESIGN.md): image and label LPS with one affine, voxel spacing varying per scan
+around 1.68 x 1.68 x 1.56 mm, float32 images, uint8 masks with xyzt units unknown, weeks with gaps; the quirks
+(int16 images with scl_slope, float64 labels, trailing singleton axes) are a documented minority. The 2D layout's
+slices are vol[:, j, :] (coronal, 256 x 128) from a central band of 60 rows of the LPS array. Every volume is
+seeded on its own, so equal arguments give byte-identical files. See `write_dataset`.
 """
 
 from __future__ import annotations
@@ -24,21 +27,28 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from phantom_anatomy import BLADDER, BODY, PROSTATE, VOLUME_SHAPE, default_spacing, make_patient, make_volume
+from phantom_anatomy import BLADDER, BODY, PROSTATE, VOLUME_SHAPE, make_patient, make_volume
+from phantom_plan import (
+    CLUSTER_LETTERS,
+    MAX_WEEKS,
+    MISSED_WEEK,
+    SPLITS,
+    WIDE_IN_PLANE_MM,
+    Scan,
+    plan_scans,
+    scan_spacing,
+)
 
 log = logging.getLogger("hipmri.phantom")
 
-ODD_EXTRA_Z = 16  # the one odd volume has 144 = 128 + 16 slices along z (same spacing, wider field of view)
 SLICES_PER_VOLUME = 60
 FIRST_CASE_ID = 4  # case ids are 3-digit, 004, 005, ... as in the real study
-MAX_WEEKS = 8  # Week0..Week7
-# Bump when the anatomy or appearance changes: cached default phantoms are named after it and regenerate.
-PHANTOM_VERSION = 2
+NAMINGS_3D = ("anon", "cluster")
+# Bump when the anatomy, appearance or headers change: cached default phantoms are named after it and regenerate.
+PHANTOM_VERSION = 3
 COMPLETE_MARKER = "phantom.json"  # written last, holds the arguments and the summary
 
 # ---------------------------------------------------------------- files and layouts
-
-SPLITS = ("train", "validate", "test")
 
 
 def case_id(patient: int) -> str:
@@ -46,27 +56,15 @@ def case_id(patient: int) -> str:
     return f"{FIRST_CASE_ID + patient:03d}"
 
 
-def odd_volume(patients: int, weeks: int) -> tuple[int, int] | None:
-    """(patient index, week) of the one 144-slice volume: the second patient's Week1 when both exist (the real
-    study's odd one is Case_019_Week1), else the second patient's Week0 or the only patient's Week1; None for 1."""
-    return (min(1, patients - 1), min(1, weeks - 1)) if patients * weeks > 1 else None
-
-
-def split_patients(patients: int, seed: int) -> dict[str, list[int]]:
-    """2D layout: patient indices into train/validate/test ~80/10/10 by a seeded shuffle, each split non-empty."""
-    order = np.random.default_rng([seed, 2]).permutation(patients).tolist()
-    hold = max(1, round(0.1 * patients))
-    return {"train": sorted(order[2 * hold:]), "validate": sorted(order[hold:2 * hold]), "test": sorted(order[:hold])}
-
-
-def volume_paths(root: Path, naming: str, patient: int, week: int) -> tuple[Path, Path]:
-    """3D (image, label) paths in the anonymised ("anon") or B-numbered ("b") naming of the real study."""
+def volume_paths(root: Path, naming: str, patient: int, week: int, letter: str = "B") -> tuple[Path, Path]:
+    """3D (image, label) paths in the anonymised ("anon") or the cluster copy's ("cluster", patient prefix
+    `letter`) naming of the real study."""
     cid = case_id(patient)
     if naming == "anon":
         return (root / "semantic_MRs_anon" / f"Case_{cid}_Week{week}_LFOV.nii.gz",
                 root / "semantic_labels_anon" / f"Case_{cid}_Week{week}_SEMANTIC_LFOV.nii.gz")
-    return (root / "semantic_MRs" / f"B{cid}_Week{week}_LFOV.nii.gz",
-            root / "semantic_labels_only" / f"B{cid}_Week{week}_SEMANTIC.nii.gz")
+    return (root / "semantic_MRs" / f"{letter}{cid}_Week{week}_LFOV.nii.gz",
+            root / "semantic_labels_only" / f"{letter}{cid}_Week{week}_SEMANTIC.nii.gz")
 
 
 def slice_paths(root: Path, split: str, patient: int, week: int, index: int) -> tuple[Path, Path]:
@@ -77,16 +75,19 @@ def slice_paths(root: Path, split: str, patient: int, week: int, index: int) -> 
 
 
 def slice_band(ny: int) -> tuple[int, int]:
-    """Rows (start, stop) along y of the 60 central axial slices the 2D layout keeps."""
+    """Rows (start, stop) along y (anterior -> posterior) of the 60 central coronal slices the 2D layout keeps."""
     start = max(0, ny // 2 - SLICES_PER_VOLUME // 2)
     return start, min(ny, start + SLICES_PER_VOLUME)
 
 
-def _nifti_gz(data: np.ndarray, affine: np.ndarray) -> bytes:
-    """NIfTI-1 bytes with qform/sform (code 1, scanner) and mm units, gzipped with mtime 0 so equal inputs give
-    byte-identical files. Run-length deflate: ~2x faster than gzip level 1 and only ~5% larger on noisy images."""
+def _nifti_gz(data: np.ndarray, affine: np.ndarray, units: bool = True, slope: float | None = None) -> bytes:
+    """NIfTI-1 bytes with qform/sform (code 1, scanner), xyzt units mm/s (unknown without `units`, as the real
+    masks) and scl_slope `slope` for integer data, gzipped with mtime 0 so equal inputs give byte-identical files.
+    Run-length deflate: ~2x faster than gzip level 1 and only ~5% larger on noisy images."""
     image = nib.Nifti1Image(data, affine)
-    image.header.set_xyzt_units("mm", "sec")
+    image.header.set_xyzt_units(*(("mm", "sec") if units else ("unknown", "unknown")))
+    if slope is not None:
+        image.header.set_slope_inter(slope, 0.0)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     deflate = zlib.compressobj(1, zlib.DEFLATED, 31, 9, zlib.Z_RLE)  # wbits 31: gzip container, header mtime 0
@@ -101,34 +102,45 @@ class _Task:
     layout: str
     naming: str
     seed: int
-    patient: int
-    week: int
-    shape: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    split: str | None
-    singleton: bool  # 2D: store the slices as (H, W, 1), a quirk of some real files
+    scan: Scan
+
+
+def _encode_image(image: np.ndarray, dtype: str) -> tuple[np.ndarray, float | None]:
+    """Image (integer-valued float32) as stored: float32, or int16 with the scl_slope (3 significant digits) that
+    puts its maximum near 32000, as scanner exports do; (data, slope or None)."""
+    if dtype == "float32":
+        return image.astype(np.float32), None
+    slope = float(f"{max(float(image.max()), 1.0) / 32000:.3g}")
+    return np.clip(np.rint(image / slope), 0, 32767).astype(np.int16), slope
 
 
 def _write_case(task: _Task) -> list[int]:
     """Generate one volume, write its file(s) and return its label voxel counts per class."""
-    anatomy = make_patient(np.random.default_rng([task.seed, task.patient]))
-    seed = int(np.random.SeedSequence([task.seed, task.patient, task.week]).generate_state(1)[0])
-    rows = slice_band(task.shape[1]) if task.layout == "2d" else None
-    image, label, affine = make_volume(anatomy, task.week, seed, task.shape, task.spacing, rows)
-    image = np.rint(image)
+    scan = task.scan
+    anatomy = make_patient(np.random.default_rng([task.seed, scan.patient]))
+    seed = int(np.random.SeedSequence([task.seed, scan.patient, scan.week]).generate_state(1)[0])
+    rows = slice_band(scan.shape[1]) if task.layout == "2d" else None
+    image, label, affine = make_volume(anatomy, scan.week, seed, scan.shape, scan.spacing, rows)
+    image, slope = _encode_image(np.rint(image), scan.image_dtype)
+    stored_label = label.astype(scan.label_dtype)
     if task.layout == "3d":
-        image_path, label_path = volume_paths(task.root, task.naming, task.patient, task.week)
-        image_path.write_bytes(_nifti_gz(np.clip(image, 0, 32767).astype(np.int16), affine))
-        label_path.write_bytes(_nifti_gz(label, affine))
-    else:
-        image, label_float = image.astype(np.float32), label.astype(np.float32)
-        for k in range(image.shape[1]):
-            # A slice keeps the volume's 3D geometry: axes (x, z, y), origin moved to its row.
-            slice_affine = affine[:, [0, 2, 1, 3]]
-            slice_affine[:3, 3] += k * affine[:3, 1]
-            pair = (image[:, k, :], label_float[:, k, :])
-            for path, data in zip(slice_paths(task.root, task.split, task.patient, task.week, k), pair):
-                path.write_bytes(_nifti_gz(data[..., None] if task.singleton else data, slice_affine))
+        pair = (image, stored_label)
+        if scan.singleton:
+            pair = tuple(data[..., None] for data in pair)
+        image_path, label_path = volume_paths(task.root, task.naming, scan.patient, scan.week, scan.letter)
+        image_path.write_bytes(_nifti_gz(pair[0], affine, slope=slope))
+        label_path.write_bytes(_nifti_gz(pair[1], affine, units=False))
+        return np.bincount(label.ravel(), minlength=6).tolist()
+    for k in range(image.shape[1]):
+        # A slice vol[:, k, :] keeps the volume's 3D geometry: columns x, z, then y; origin moved to its row.
+        slice_affine = affine[:, [0, 2, 1, 3]]
+        slice_affine[:3, 3] += k * affine[:3, 1]
+        pair = (image[:, k, :], stored_label[:, k, :])
+        if scan.singleton:
+            pair = tuple(data[..., None] for data in pair)
+        image_path, label_path = slice_paths(task.root, scan.split, scan.patient, scan.week, k)
+        image_path.write_bytes(_nifti_gz(pair[0], slice_affine, slope=slope))
+        label_path.write_bytes(_nifti_gz(pair[1], slice_affine, units=False))
     return np.bincount(label.ravel(), minlength=6).tolist()
 
 
@@ -136,7 +148,7 @@ def _check_arguments(layout, patients, weeks, seed, naming, workers, shape) -> N
     """Raise ValueError with a one-line message for arguments that cannot make a data set."""
     problems = [
         (layout not in ("2d", "3d"), f"layout must be '2d' or '3d', not {layout!r}"),
-        (naming not in ("anon", "b"), f"naming must be 'anon' or 'b', not {naming!r}"),
+        (naming not in NAMINGS_3D, f"naming must be one of {', '.join(NAMINGS_3D)}, not {naming!r}"),
         (layout == "2d" and naming != "anon", "--naming applies to the 3D layout only"),
         (not 1 <= patients <= 1000 - FIRST_CASE_ID, f"patients must be 1..{1000 - FIRST_CASE_ID}, got {patients}"),
         (layout == "2d" and patients < 3, f"the 2D layout splits patients into train/validate/test: "
@@ -160,36 +172,42 @@ def _check_target(out: Path) -> None:
         raise FileExistsError(f"{out} is not empty; choose a new (or empty) output folder")
 
 
-def _plan(root: Path, layout: str, naming: str, patients: int, weeks: int, seed: int, shape) -> list[_Task]:
-    splits = split_patients(patients, seed) if layout == "2d" else {}
-    split_of = {p: name for name, members in splits.items() for p in members}
-    odd = odd_volume(patients, weeks)
-    odd_shape = (*shape[:2], shape[2] + round(shape[2] * ODD_EXTRA_Z / VOLUME_SHAPE[2]))
-    spacing = default_spacing(shape)
-    # Every 10th volume, from the third on, has the trailing-singleton quirk (2D only).
-    return [_Task(root, layout, naming, seed, p, w, odd_shape if (p, w) == odd else tuple(shape), spacing,
-                  split_of.get(p), layout == "2d" and (p * weeks + w) % 10 == 2)
-            for p in range(patients) for w in range(weeks)]
+def _case_key(layout: str, naming: str, scan: Scan) -> str:
+    """The scan's key as the loader names it: case_004_week_0 (2D), Case_004_Week0 or K004_Week0 (3D)."""
+    cid = case_id(scan.patient)
+    if layout == "2d":
+        return f"case_{cid}_week_{scan.week}"
+    return f"Case_{cid}_Week{scan.week}" if naming == "anon" else f"{scan.letter}{cid}_Week{scan.week}"
 
 
-def _case_key(task: _Task) -> str:
-    cid = case_id(task.patient)
-    if task.layout == "2d":
-        return f"case_{cid}_week_{task.week}"
-    return f"Case_{cid}_Week{task.week}" if task.naming == "anon" else f"B{cid}_Week{task.week}"
+def _scan_record(key: str, layout: str, scan: Scan) -> dict:
+    """One scan of the summary: its key, patient, week, split, shape on disk, spacing and dtypes."""
+    shape = (scan.shape[0], scan.shape[2]) if layout == "2d" else scan.shape
+    return {"key": key, "patient": case_id(scan.patient), "week": scan.week, "split": scan.split,
+            "shape": [*shape, 1] if scan.singleton else list(shape), "spacing_mm": list(scan.spacing),
+            "image_dtype": scan.image_dtype, "label_dtype": scan.label_dtype}
 
 
-def _summary(tasks: list[_Task], counts: np.ndarray, **arguments) -> dict:
+def _summary(scans: list[Scan], counts: np.ndarray, **arguments) -> dict:
     from utils import CLASS_NAMES  # utils imports torch: only here, never in the workers
 
     total = counts.sum(0)
-    splits = {s: sorted({case_id(t.patient) for t in tasks if t.split == s}) for s in SPLITS}
-    return {**arguments, "volumes": len(tasks),
-            "files": 2 * len(tasks) * (SLICES_PER_VOLUME if arguments["layout"] == "2d" else 1),
-            "spacing_mm": list(tasks[0].spacing),
-            "odd_volume": next((_case_key(t) for t in tasks if t.shape != tasks[0].shape), None),
-            "singleton_volumes": [_case_key(t) for t in tasks if t.singleton],
+    keys = [_case_key(arguments["layout"], arguments["naming"], s) for s in scans]
+    splits = {name: sorted({case_id(s.patient) for s in scans if s.split == name}) for name in SPLITS}
+    weeks = {}
+    for s in scans:
+        weeks.setdefault(case_id(s.patient), []).append(s.week)
+    return {**arguments, "volumes": len(scans),
+            "files": 2 * len(scans) * (SLICES_PER_VOLUME if arguments["layout"] == "2d" else 1),
+            "weeks_per_patient": weeks,
+            "spacing_mm_median": [round(float(v), 4) for v in np.median([s.spacing for s in scans], axis=0)],
+            "odd_volume": next((k for k, s in zip(keys, scans) if s.shape != scans[0].shape), None),
+            "wide_volume": next((k for k, s in zip(keys, scans) if s.wide), None),
+            "singleton_volumes": [k for k, s in zip(keys, scans) if s.singleton],
+            "int16_volumes": [k for k, s in zip(keys, scans) if s.image_dtype == "int16"],
+            "float64_label_volumes": [k for k, s in zip(keys, scans) if s.label_dtype == "float64"],
             "splits": splits if arguments["layout"] == "2d" else None,
+            "scans": [_scan_record(k, arguments["layout"], s) for k, s in zip(keys, scans)],
             "class_voxels": {n: int(c) for n, c in zip(CLASS_NAMES, total)},
             "class_shares": {n: round(float(c / total.sum()), 6) for n, c in zip(CLASS_NAMES, total)}}
 
@@ -198,13 +216,15 @@ def write_dataset(out: Path, layout: str = "2d", patients: int = 12, weeks: int 
                   naming: str = "anon", workers: int | None = None, shape: tuple[int, int, int] | None = None) -> dict:
     """Write a phantom data set into the new folder `out` and return its summary (also saved as COMPLETE_MARKER).
 
-    3D: semantic_MRs_anon/Case_004_Week0_LFOV.nii.gz (int16) + semantic_labels_anon/..._SEMANTIC_LFOV.nii.gz
-    (uint8), or with naming "b" semantic_MRs/B004_Week0_LFOV.nii.gz + semantic_labels_only/B004_Week0_SEMANTIC.nii.gz.
-    2D: keras_slices_{train,validate,test}/case_004_week_0_slice_K.nii.gz (float32, (256, 128) or (256, 128, 1))
-    + keras_slices_seg_*/seg_004_week_0_slice_K.nii.gz (float32 0.0..5.0), split by patient.
-    `shape` (tests only) makes smaller volumes of the same field of view (coarser voxels). Everything is written
-    into a hidden sibling folder that is renamed to `out` when complete. Raises ValueError for bad arguments and
-    OSError for an unusable `out`.
+    3D: semantic_MRs_anon/Case_004_Week0_LFOV.nii.gz + semantic_labels_anon/..._SEMANTIC_LFOV.nii.gz, or with
+    naming "cluster" semantic_MRs/K004_Week0_LFOV.nii.gz + semantic_labels_only/K004_Week0_SEMANTIC.nii.gz (one
+    letter of CLUSTER_LETTERS per patient). 2D: keras_slices_{train,validate,test}/case_004_week_0_slice_K.nii.gz
+    ((256, 128): slice K is vol[:, band start + K, :]) + keras_slices_seg_*/seg_004_week_0_slice_K.nii.gz
+    (0.0..5.0), split by patient. Volumes are LPS; weeks (at most `weeks` per patient, with gaps), per-scan
+    spacing, the odd and wide scans and the dtype quirks come from phantom_plan.plan_scans. `shape` (tests only)
+    makes smaller volumes of the same field of view (coarser voxels). Everything is written into a hidden sibling
+    folder that is renamed to `out` when complete. Raises ValueError for bad arguments and OSError for an
+    unusable `out`.
     """
     out, shape = Path(out), tuple(shape or VOLUME_SHAPE)
     _check_arguments(layout, patients, weeks, seed, naming, workers, shape)
@@ -216,11 +236,12 @@ def write_dataset(out: Path, layout: str = "2d", patients: int = 12, weeks: int 
     except OSError as err:
         raise OSError(f"cannot write next to {out} ({err.strerror or err}); choose a writable output folder") from err
     try:
-        tasks = _plan(staging, layout, naming, patients, weeks, seed, shape)
+        scans = plan_scans(layout, patients, weeks, seed, shape)
+        tasks = [_Task(staging, layout, naming, seed, scan) for scan in scans]
         for folder in {p.parent for t in tasks for p in _first_paths(t)}:
             folder.mkdir(parents=True, exist_ok=True)
         counts = np.array(_run(tasks, workers or min(2, os.cpu_count() or 1)), dtype=np.int64)
-        summary = _summary(tasks, counts, layout=layout, naming=naming if layout == "3d" else None,
+        summary = _summary(scans, counts, layout=layout, naming=naming if layout == "3d" else None,
                            patients=patients, weeks=weeks, seed=seed, shape=list(shape))
         (staging / COMPLETE_MARKER).write_text(json.dumps(summary, indent=2) + "\n")
         _publish(staging, out)
@@ -230,9 +251,10 @@ def write_dataset(out: Path, layout: str = "2d", patients: int = 12, weeks: int 
 
 
 def _first_paths(task: _Task) -> tuple[Path, Path]:
+    scan = task.scan
     if task.layout == "3d":
-        return volume_paths(task.root, task.naming, task.patient, task.week)
-    return slice_paths(task.root, task.split, task.patient, task.week, 0)
+        return volume_paths(task.root, task.naming, scan.patient, scan.week, scan.letter)
+    return slice_paths(task.root, scan.split, scan.patient, scan.week, 0)
 
 
 def _run(tasks: list[_Task], workers: int) -> list[list[int]]:
@@ -260,15 +282,15 @@ def _publish(staging: Path, out: Path) -> None:
 
 
 def _views(image: np.ndarray, label: np.ndarray, spacing) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
-    """(title, image 2D, label 2D, aspect) for imshow(origin="lower"): axial at the bladder and the prostate,
-    coronal and mid-sagittal through the prostate. Axial/coronal show the patient's right on the left."""
+    """(title, image 2D, label 2D, aspect) for imshow(origin="lower") of an LPS volume: axial at the bladder and
+    the prostate (anterior up), coronal (a 2D-layout slice vol[:, y, :]) and mid-sagittal through the prostate
+    (superior up). Axial/coronal show the patient's right on the left."""
     sx, sy, sz = spacing
     centre = [int(np.mean(i)) for i in np.nonzero(label == PROSTATE)]
-    bladder_y = int(np.mean(np.nonzero(label == BLADDER)[1]))
-    views = [(f"axial y={y}", image[:, y, :].T, label[:, y, :].T, sz / sx) for y in (bladder_y, centre[1])]
-    views.append((f"coronal z={centre[2]}", image[:, :, centre[2]].T, label[:, :, centre[2]].T, sy / sx))
-    views.append((f"sagittal x={centre[0]} (anterior left)", image[centre[0], :, ::-1], label[centre[0], :, ::-1],
-                  sy / sz))
+    bladder_z = int(np.mean(np.nonzero(label == BLADDER)[2]))
+    views = [(f"axial z={z}", image[:, ::-1, z].T, label[:, ::-1, z].T, sy / sx) for z in (bladder_z, centre[2])]
+    views.append((f"coronal y={centre[1]}", image[:, centre[1], :].T, label[:, centre[1], :].T, sz / sx))
+    views.append((f"sagittal x={centre[0]} (anterior left)", image[centre[0]].T, label[centre[0]].T, sz / sy))
     return views
 
 
@@ -277,10 +299,11 @@ def write_preview(path: Path, seed: int = 0) -> None:
     and sagittal views in grey-scale (top row) and with the label overlay and a legend (bottom row)."""
     anatomy = make_patient(np.random.default_rng([seed, 0]))
     volume_seed = int(np.random.SeedSequence([seed, 0, 0]).generate_state(1)[0])
-    image, label, _ = make_volume(anatomy, 0, volume_seed)
-    sx, sy, sz = default_spacing()
-    title = f"phantom case {case_id(0)} Week0 (seed {seed}): T2-like, {VOLUME_SHAPE} voxels of {sx} x {sy} x {sz} mm"
-    _draw_preview(Path(path), image, label, (sx, sy, sz), title)
+    spacing = scan_spacing(seed, 0, 0)
+    image, label, _ = make_volume(anatomy, 0, volume_seed, VOLUME_SHAPE, spacing)
+    title = (f"phantom case {case_id(0)} Week0 (seed {seed}): T2-like, {VOLUME_SHAPE} voxels (LPS) of "
+             f"{' x '.join(f'{v:g}' for v in spacing)} mm")
+    _draw_preview(Path(path), image, label, spacing, title)
 
 
 def _draw_preview(path: Path, image: np.ndarray, label: np.ndarray, spacing, title: str) -> None:
@@ -341,12 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "images + 6-class labels) in the real study's folder layouts.")
     parser.add_argument("out", type=Path, help="output folder; must not exist yet or be empty")
     parser.add_argument("--layout", choices=("2d", "3d"), default="2d",
-                        help="2d: keras_slices_* folders of axial slices; 3d: semantic_MRs* volumes (default 2d)")
+                        help="2d: keras_slices_* folders of coronal slices vol[:, j, :]; 3d: semantic_MRs* volumes "
+                             "(default 2d)")
     parser.add_argument("--patients", type=int, default=12, help="number of patients (2D: at least 3)")
-    parser.add_argument("--weeks", type=int, default=2, help=f"weekly scans per patient, 1..{MAX_WEEKS}")
+    parser.add_argument("--weeks", type=int, default=2,
+                        help=f"most weekly scans per patient W, 1..{MAX_WEEKS} (default 2): every patient has Week0, "
+                             f"misses each of Week1..Week(W-1) with probability {MISSED_WEEK:g} and then has WeekW "
+                             f"instead when W < {MAX_WEEKS} (e.g. weeks 0-5 and 7), as the real study's gaps")
     parser.add_argument("--seed", type=int, default=0, help="same arguments and seed give byte-identical files")
-    parser.add_argument("--naming", choices=("anon", "b"), default="anon",
-                        help="3D file naming: Case_004_Week0_LFOV (anon) or B004_Week0_LFOV (b)")
+    parser.add_argument("--naming", choices=NAMINGS_3D, default="anon",
+                        help="3D file naming: Case_004_Week0_LFOV (anon) or the cluster copy's K004_Week0_LFOV with "
+                             f"one letter of {'/'.join(CLUSTER_LETTERS)} per patient (cluster)")
     parser.add_argument("--preview", type=Path, help="also write a PNG montage of the first volume with labels")
     parser.add_argument("--workers", type=int, default=None, help="processes (default min(2, CPUs))")
     return parser
@@ -355,8 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _report(out: Path, summary: dict, seconds: float) -> None:
     print(f"wrote {summary['layout']} phantom to {out}: {summary['patients']} patients x {summary['weeks']} weeks = "
           f"{summary['volumes']} volumes, {summary['files']} files in {seconds:.1f} s")
-    print(f"voxel size {' x '.join(f'{s:g}' for s in summary['spacing_mm'])} mm; odd 144-slice volume: "
-          f"{summary['odd_volume']}")
+    print(f"voxel size per scan, median {' x '.join(f'{s:g}' for s in summary['spacing_mm_median'])} mm (LPS); "
+          f"odd 144-slice volume: {summary['odd_volume']}; ~{WIDE_IN_PLANE_MM} mm in-plane: {summary['wide_volume']}")
     if summary["splits"]:
         print("splits (case ids): " + "; ".join(f"{k} {' '.join(v)}" for k, v in summary["splits"].items()))
     print("class shares: " + "  ".join(f"{k} {v:.4%}" for k, v in summary["class_shares"].items()))

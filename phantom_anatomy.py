@@ -1,11 +1,13 @@
 """Synthetic pelvic anatomy and its MR appearance: one weekly T2-like scan as (image, label, affine) arrays.
 
-Geometry: every volume is a coronal-style acquisition stored as (x, y, z) = (right->left, inferior->superior,
-posterior->anterior), 256 x 256 x 128 voxels of 1.5625 x 1.5625 x 2.5 mm (a 400 x 400 x 320 mm field of view);
-the affine maps it to RAS+ world mm (axis codes L, S, A). Anatomy is built from analytic shapes (phantom_shapes.py)
-whose signed depth in mm gives both the label (depth > 0) and a partial-volume blend at the boundary; then a smooth
-multiplicative bias field and Rician noise are applied. Intensities are T2-like raw units (fat ~800, urine ~1350,
-muscle ~300). phantom.py writes these volumes in the real study's layouts.
+Geometry, as the real study's headers (DESIGN.md): every volume is stored in LPS order, (x, y, z) = (right->left,
+anterior->posterior, inferior->superior), 256 x 256 x 128 voxels of about 1.68 x 1.68 x 1.56 mm (the spacing is
+per scan, phantom.py draws it; about a 430 x 430 x 200 mm field of view); the affine maps it to RAS+ world mm
+(`nib.aff2axcodes` gives L, P, S), and vol[:, j, :] is a coronal plane, as the real 2D slices are. Anatomy is
+built from analytic shapes (phantom_shapes.py) whose signed depth in mm gives both the label (depth > 0) and a
+partial-volume blend at the boundary; then a smooth multiplicative bias field and Rician noise are applied.
+Intensities are T2-like raw units (fat ~800, urine ~1350, muscle ~300). phantom.py writes these volumes in the
+real study's layouts.
 
 The prostate is meant to stay hard: a tilted, tapered, lobulated gland (per-patient shape, pushed and indented by
 the rectum from week to week) whose mottled transition zone and brighter peripheral zone overlap in intensity with
@@ -22,8 +24,8 @@ import numpy as np
 
 from phantom_shapes import Canvas, Frame, capsule_depth, ellipsoid_depth, local_axes, noise_field, rotation, swept_depth
 
-VOLUME_SHAPE = (256, 256, 128)
-FIELD_OF_VIEW = (400.0, 400.0, 320.0)  # mm along x, y, z of a 256x256x128 volume: 1.5625 x 1.5625 x 2.5 mm voxels
+VOLUME_SHAPE = (256, 256, 128)  # x right->left, y anterior->posterior, z inferior->superior (LPS)
+MEDIAN_SPACING = (1.68, 1.68, 1.56)  # mm along x, y, z: the real scans' median (public audit of all 211 headers)
 BACKGROUND, BODY, BONE, BLADDER, RECTUM, PROSTATE = range(6)
 # T2-weighted tissue means in raw MR units (before gain, bias and noise).
 FAT, MUSCLE, URINE, WALL, MARROW, CORTEX, GAS = 800.0, 300.0, 1350.0, 310.0, 650.0, 60.0, 10.0
@@ -56,7 +58,7 @@ class Gland:
 class PatientAnatomy:
     """Per-patient anatomy in mm, in a frame centred on the prostate (x left, y superior, z anterior)."""
 
-    position: tuple[float, float, float]  # prostate centre in volume mm, relative to the volume centre
+    position: tuple[float, float, float]  # prostate centre (left, superior, anterior) in mm from the volume centre
     body_radii: tuple[float, float]  # trunk half-axes at the hips (left-right, antero-posterior)
     body_z: float  # trunk centre along z, relative to the prostate
     waist: float  # waist / hip ratio of the left-right half-axis
@@ -73,8 +75,8 @@ class PatientAnatomy:
 
 
 def _make_gland(u) -> Gland:
-    """Sizes from ~20 to ~80 ml; `u(lo, hi)` draws a uniform float."""
-    width = u(24, 33)
+    """Sizes from ~20 to ~80 ml (median ~40 ml over 150 volumes); `u(lo, hi)` draws a uniform float."""
+    width = u(22, 31)
     t2 = u(330, 420)
     return Gland(
         radii=(width, width * u(0.72, 1.02), width * u(0.6, 0.82)), tilt=(-u(5, 35), u(-8, 8), u(-8, 8)),
@@ -88,7 +90,7 @@ def make_patient(rng: np.random.Generator) -> PatientAnatomy:
     """Draw one patient's anatomy; all values are plain floats (keeps the volume maths in float32)."""
     u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
     return PatientAnatomy(
-        position=(u(-5, 5), u(-18, -6), u(4, 16)), body_radii=(u(158, 182), u(100, 118)), body_z=u(-12, -4),
+        position=(u(-5, 5), u(-18, -6), u(4, 16)), body_radii=(u(172, 198), u(118, 136)), body_z=u(-12, -4),
         waist=u(0.82, 0.95), fat=u(10, 32), hip=u(84, 96), head_radius=u(21, 25), pelvis_scale=u(0.94, 1.06),
         gland=_make_gland(u), bladder_radii=(u(40, 50), u(28, 36), u(30, 38)), bladder_fill=u(0.6, 1.2),
         rectum_radius=u(12, 16), gain=u(0.85, 1.15), lump_seed=int(rng.integers(2**31)))
@@ -236,7 +238,7 @@ class WeekState:
     position: tuple[float, float, float]
     pitch: float  # radians, rotation about the left-right axis
     disp: tuple  # displacement amplitudes (mm), wave numbers (1/mm), phases
-    bias: tuple[float, ...]  # log-bias gradients along x, y, z, brightening towards the edges, fall-off along y
+    bias: tuple[float, ...]  # log-bias gradients left, superior, anterior; brightening to the edges, superior fall-off
     bladder: float  # volume factor
     rectum: float  # radius factor; a fuller rectum pushes the gland forwards and presses into its back
     gas: tuple[float, float] | None  # (centre y, half-length) of a gas pocket in the rectum, mm
@@ -443,25 +445,27 @@ def _paint_prostate(cv: Canvas, pa: PatientAnatomy, ws: WeekState) -> None:
 
 def _acquire(cv: Canvas, ws: WeekState, rng: np.random.Generator) -> np.ndarray:
     """Scanner gain, smooth multiplicative bias (brighter near the coils) and Rician noise -> float32 image."""
-    x, y, z = (a / 200 for a in cv.frame.axes)
-    gx, gy, gz, edges, fall = ws.bias
-    bias_xz = np.exp(gx * x[:, None] + gz * z[None] + edges * (x[:, None] ** 2 + (1.25 * z[None]) ** 2))
-    bias_y = ws.gain * np.exp(gy * y - fall * y**2)
-    signal = cv.image * bias_xz[:, None, :].astype(np.float32) * bias_y[None, :, None].astype(np.float32)
+    x, y, z = (a / 200 for a in cv.frame.axes)  # stored axes: left, posterior, superior
+    g_left, g_superior, g_anterior, edges, fall = ws.bias
+    # In the axial plane (x, y) it brightens towards the surface coils; along z (superior) it falls off.
+    bias_xy = np.exp(g_left * x[:, None] - g_anterior * y[None] + edges * (x[:, None] ** 2 + (1.25 * y[None]) ** 2))
+    bias_z = ws.gain * np.exp(g_superior * z - fall * z**2)
+    signal = cv.image * bias_xy[:, :, None].astype(np.float32) * bias_z[None, None, :].astype(np.float32)
     noise = rng.standard_normal((2, *signal.shape), dtype=np.float32) * ws.noise
     return np.hypot(signal + noise[0], noise[1])
 
 
-def default_spacing(shape=VOLUME_SHAPE) -> tuple[float, float, float]:
-    """Voxel size (mm) keeping the field of view for a base shape: (256, 256, 128) -> (1.5625, 1.5625, 2.5)."""
-    return tuple(float(f / n) for f, n in zip(FIELD_OF_VIEW, shape))
+def scaled_spacing(spacing, shape=VOLUME_SHAPE) -> tuple[float, float, float]:
+    """Voxel size (mm) of a `shape` volume with the field of view of a VOLUME_SHAPE one of `spacing`:
+    (1.68, 1.68, 1.56) at (64, 64, 32) -> (6.72, 6.72, 6.24). Tests use it for small, coarse volumes."""
+    return tuple(float(s * n0 / n) for s, n0, n in zip(spacing, VOLUME_SHAPE, shape))
 
 
 def volume_affine(shape, spacing, rows: tuple[int, int] | None = None) -> np.ndarray:
-    """RAS+ affine (mm) of a volume stored as (x right->left, y inferior->superior, z posterior->anterior);
-    with `rows`, the affine of the sub-volume vol[:, rows[0]:rows[1], :]."""
+    """RAS+ affine (mm) of a volume stored in LPS order (x right->left, y anterior->posterior, z inferior->superior),
+    so `nib.aff2axcodes` gives ("L", "P", "S"); with `rows`, the affine of the sub-volume vol[:, rows[0]:rows[1], :]."""
     sx, sy, sz = spacing
-    lin = np.array([[-sx, 0, 0], [0, 0, sz], [0, sy, 0]], dtype=np.float64)
+    lin = np.diag([-sx, -sy, sz]).astype(np.float64)
     origin = -lin @ ((np.asarray(shape) - 1) / 2) + np.array([2.0, 18.0, -35.0])  # a table/isocentre offset
     affine = np.eye(4)
     affine[:3, :3], affine[:3, 3] = lin, origin + lin[:, 1] * (rows[0] if rows else 0)
@@ -470,12 +474,14 @@ def volume_affine(shape, spacing, rows: tuple[int, int] | None = None) -> np.nda
 
 def make_volume(anatomy: PatientAnatomy, week: int, seed: int, shape=VOLUME_SHAPE, spacing=None,
                 rows: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One weekly scan -> image float32 (x, y, z) raw MR units, label uint8 (x, y, z) 0..5, affine (4, 4) mm.
+    """One weekly scan -> image float32 (x, y, z) raw MR units, label uint8 (x, y, z) 0..5, affine (4, 4) mm;
+    the arrays in LPS order (x right->left, y anterior->posterior, z inferior->superior), as the real files.
 
-    `spacing` defaults to `default_spacing()`; `rows` = (start, stop) builds only vol[:, start:stop, :]
-    (a band of axial slices; the affine is shifted to match). Deterministic in (anatomy, week, seed, ...).
+    `spacing` (mm along x, y, z) defaults to MEDIAN_SPACING; `rows` = (start, stop) builds only
+    vol[:, start:stop, :] (a band of coronal slices; the affine is shifted to match). Deterministic in
+    (anatomy, week, seed, ...).
     """
-    spacing = tuple(spacing or default_spacing())
+    spacing = tuple(spacing or MEDIAN_SPACING)
     rows = rows or (0, shape[1])
     rng = np.random.default_rng(seed)
     ws = _draw_week(anatomy, week, rng)

@@ -12,29 +12,38 @@ from scipy import ndimage
 
 
 class Frame:
-    """Deformed anatomical coordinates (X, Y, Z) in mm for the voxels of a window ((start, stop) per axis)
-    of a volume. Anatomical = pitch rotation of (volume mm - prostate position) + a smooth displacement."""
+    """Deformed anatomical coordinates (X, Y, Z) in mm for the voxels of a window ((start, stop) per axis) of a
+    volume stored in LPS order (array axes x right->left, y anterior->posterior, z inferior->superior).
+
+    Anatomical axes: X left, Y superior, Z anterior, relative to the prostate; anatomical = pitch rotation (about
+    X) of (volume mm - prostate position) + a smooth displacement. `position` is the prostate centre in volume mm
+    from the volume centre, as (left, superior, anterior). Arrays broadcast to the window's (nx, ny, nz).
+    """
 
     def __init__(self, shape, spacing, window, position, pitch, disp, dmax):
+        # Voxel centres in mm from the volume centre along the stored axes, increasing with the index.
         self.axes = [((np.arange(n, dtype=np.float32) - (n - 1) / 2) * s)[a:b]
                      for n, s, (a, b) in zip(shape, spacing, window)]
         self.position, self.c, self.s, self.dmax = np.asarray(position), np.cos(pitch), np.sin(pitch), dmax
-        x, y, z = (a - p for a, p in zip(self.axes, position))
+        x = self.axes[0] - position[0]
+        anterior = -self.axes[1] - position[2]  # (ny,): stored y runs anterior -> posterior
+        superior = self.axes[2] - position[1]  # (nz,)
         # Undisplaced anatomical x (nx, 1, 1) and rotated y, z (1, ny, nz): cheap stand-ins for slowly varying profiles.
         self.Xr = x[:, None, None]
-        self.Yr = (self.c * y[:, None] - self.s * z[None, :])[None].astype(np.float32)
-        self.Zr = (self.s * y[:, None] + self.c * z[None, :])[None].astype(np.float32)
-        dx, dy, dz = _displacement(x, y, z, disp)
-        self.X = self.Xr + dx[None]
-        self.Y = self.Yr + dy[:, None, :]
-        self.Z = self.Zr + dz[:, :, None]
+        self.Yr = (self.c * superior[None, :] - self.s * anterior[:, None])[None].astype(np.float32)
+        self.Zr = (self.s * superior[None, :] + self.c * anterior[:, None])[None].astype(np.float32)
+        # Each displacement component varies over the two other anatomical axes (2D arrays only).
+        dx, dy, dz = _displacement(x, superior, anterior, disp)
+        self.X = self.Xr + dx.T[None]  # dx (nz, ny)
+        self.Y = self.Yr + dy[:, :, None]  # dy (nx, ny): over left-right and antero-posterior
+        self.Z = self.Zr + dz[:, None, :]  # dz (nx, nz): over left-right and supero-inferior
 
     def box(self, lo, hi) -> tuple[slice, slice, slice] | None:
         """Voxel index ranges that hold the anatomical box [lo, hi] (mm), or None when it is outside."""
         corners = np.array(np.meshgrid(*zip(lo, hi), indexing="ij")).reshape(3, -1)
-        vy = self.c * corners[1] + self.s * corners[2]
-        vz = -self.s * corners[1] + self.c * corners[2]
-        vol = np.stack([corners[0], vy, vz]) + self.position[:, None]
+        superior = self.c * corners[1] + self.s * corners[2] + self.position[1]
+        anterior = -self.s * corners[1] + self.c * corners[2] + self.position[2]
+        vol = np.stack([corners[0] + self.position[0], -anterior, superior])  # mm along the stored x, y, z
         pad = self.dmax + 3.0
         box = []
         for axis, (a, b) in zip(self.axes, zip(vol.min(1) - pad, vol.max(1) + pad)):
@@ -49,7 +58,8 @@ class Frame:
 
 
 def _displacement(x, y, z, disp):
-    """Smooth displacement (mm): each component varies over the two other axes, so it costs 2D arrays only."""
+    """Smooth displacement (mm) along anatomical x, y, z from the coordinates (1D arrays, mm) along them:
+    dx (len y, len z), dy (len x, len z), dz (len x, len y); each component varies over the two other axes."""
     (ax, ay, az), (w1, w2), (p1, p2, p3) = disp
     dx = ax * np.sin(w1 * y[:, None] + p1) * np.cos(w2 * z[None, :] + p2)
     dy = ay * np.sin(w2 * x[:, None] + p2) * np.cos(w1 * z[None, :] + p3)

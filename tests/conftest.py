@@ -18,8 +18,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def phantom_2d_dir(tmp_path_factory):
-    """2D layout: 4 patients x 1 week (train/validate/test = 2/1/1 patients), 60 slices per volume;
-    case_005_week_0 is the 256x144 volume and case_006_week_0 has the trailing-singleton (256, 128, 1) files."""
+    """2D layout: 4 patients x Week0 (train/validate/test = 2/1/1 patients), 60 coronal slices vol[:, j, :] per
+    LPS volume (affine columns x, z, y: codes L, S, P), spacing per scan around 1.68 x 1.68 x 1.56 mm (see each
+    scan in phantom.json); case_005_week_0 is the 256x144 volume, case_006_week_0 has the trailing-singleton
+    (256, 128, 1) files, case_007_week_0 has int16 images with scl_slope and 1.88 mm in-plane spacing; images
+    float32 otherwise, labels float32 0.0..5.0."""
     import phantom
 
     out = tmp_path_factory.mktemp("phantom") / "phantom_2d"
@@ -29,8 +32,9 @@ def phantom_2d_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def phantom_3d_dir(tmp_path_factory):
-    """3D layout, anonymised naming: 3 patients x 1 week of full-size volumes (256x256x128, 1.5625 x 1.5625 x
-    2.5 mm); Case_005_Week0 is the 256x256x144 volume."""
+    """3D layout, anonymised naming: 3 patients x Week0 of full-size LPS volumes (256x256x128, float32 images,
+    uint8 masks), spacing per scan around 1.68 x 1.68 x 1.56 mm (see phantom.json); Case_005_Week0 is the
+    256x256x144 volume, Case_006_Week0 is stored (256, 256, 128, 1) with 1.88 mm in-plane spacing."""
     import phantom
 
     out = tmp_path_factory.mktemp("phantom") / "phantom_3d"
@@ -40,8 +44,9 @@ def phantom_3d_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def phantom_3d_small_dir(tmp_path_factory):
-    """3D layout at a quarter of the resolution (64x64x32 voxels, same field of view), 3 patients x 1 week:
-    for training and sliding-window tests that would take minutes at full size on a CPU."""
+    """3D layout at a quarter of the resolution (64x64x32 voxels, same field of view: spacing ~6.7 x 6.7 x 6.2 mm,
+    per scan), 3 patients x Week0, otherwise as phantom_3d_dir (Case_005_Week0 is 64x64x36, Case_006_Week0 is
+    (64, 64, 32, 1)): for training and sliding-window tests that would take minutes at full size on a CPU."""
     import phantom
 
     out = tmp_path_factory.mktemp("phantom") / "phantom_3d_small"

@@ -7,6 +7,7 @@ file runs in seconds; the last ones use phantom.py when it is there.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -585,6 +586,12 @@ def test_check_bad_usage_exits_2(tmp_path, capsys):
 # ---------------------------------------------------------------- on phantom data (real sizes, layouts and quirks)
 
 
+def phantom_spacing(root: Path, key: str) -> list[float]:
+    """A phantom scan's voxel spacing (mm, file x, y, z) from its summary: it varies per scan."""
+    scans = json.loads((root / "phantom.json").read_text())["scans"]
+    return next(s["spacing_mm"] for s in scans if s["key"] == key)
+
+
 def test_phantom_2d_loads_with_its_quirks(phantom_2d_dir, tmp_path, capsys):
     assert dataset.main(["check", str(phantom_2d_dir), "--workers", "2"]) == 0
     out = capsys.readouterr().out
@@ -596,8 +603,10 @@ def test_phantom_2d_loads_with_its_quirks(phantom_2d_dir, tmp_path, capsys):
     assert odd.images[i].shape == (60, 256, 128) and odd.original_shapes[i] == (60, 256, 144)
     singleton, j = found["case_006_week_0"]
     assert singleton.images[j].shape == (60, 256, 128) and singleton.original_shapes[j] == (60, 256, 128)
-    assert singleton.spacings[j] == (1.5625, 1.5625, 2.5)  # (between slices, in-plane x, in-plane z) in mm
-    assert odd.spacings[i] == (1.5625, 1.5625, 2.5 * 144 / 128)  # of the resized array: pixels got wider
+    sx, sy, sz = phantom_spacing(phantom_2d_dir, "case_006_week_0")  # per scan, as in the real study
+    assert singleton.spacings[j] == (sy, sx, sz)  # (between slices, in-plane x, in-plane z) in mm
+    sx, sy, sz = phantom_spacing(phantom_2d_dir, "case_005_week_0")
+    assert odd.spacings[i] == pytest.approx((sy, sx, sz * 144 / 128))  # of the resized array: pixels got wider
     assert set(np.unique(splits["train"].labels[0])) == set(range(6))
     source = sampling.DeviceBatchSource(splits["train"], batch_size=8, augment=AugmentConfig())
     image, label = next(iter(source.epoch(0)))
@@ -608,7 +617,7 @@ def test_phantom_3d_split_patches_and_check(phantom_3d_dir, tmp_path):
     assert dataset.main(["check", str(phantom_3d_dir), "--workers", "2"]) == 0
     train = cache_module.load_split(phantom_3d_dir, "train", cache_dir=tmp_path / "cache",
                                     split_file=tmp_path / "split.json", workers=2)
-    assert len(train) == 1 and train.spacings[0] == (1.5625, 1.5625, 2.5)
+    assert len(train) == 1 and train.spacings[0] == tuple(phantom_spacing(phantom_3d_dir, train.keys[0]))
     source = sampling.DeviceBatchSource(train, batch_size=2, patch_size=(128, 128, 64), steps_per_epoch=30, seed=1)
     labels = torch.cat([label for _, label in source.epoch(0)])
     assert labels.shape == (60, 128, 128, 64) and int(labels.max()) <= 5
