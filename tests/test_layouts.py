@@ -207,3 +207,23 @@ def test_layout_errors_list_what_was_found(tmp_path, capsys):
         dataset.resolve_layout(tmp_path / "two2d", 2)
     with pytest.raises(DataError, match="keras_slices_data/keras_slices_train/"):
         dataset.resolve_layout(tmp_path)  # nothing there: says where it looked
+
+
+def test_the_phantoms_cluster_copy_loads_every_scan_and_splits_by_number(tmp_path, capsys):
+    """The phantom writes the cluster naming with several letters, weeks with gaps, the odd volume and the quirky
+    files: the loader and the check take every scan, and a patient's weeks stay in one split."""
+    import phantom
+
+    root = tmp_path / "cluster"
+    summary = phantom.write_dataset(root, layout="3d", patients=4, weeks=3, naming="cluster", shape=(32, 32, 16),
+                                    workers=1)
+    code, report = check(root, capsys)
+    assert code == 0 and "problems: 0" in report
+    pairs = dataset.find_pairs(root)
+    assert sorted(p.key for p in pairs) == sorted(scan["key"] for scan in summary["scans"])
+    assert len({p.key[0] for p in pairs}) > 1  # several letters
+    splits = dataset.split_by_patient(pairs, seed=0)
+    patient_of = {p.key: p.case_id for p in pairs}
+    for name, keys in splits.items():
+        others = {patient_of[k] for other, ks in splits.items() if other != name for k in ks}
+        assert not {patient_of[k] for k in keys} & others
