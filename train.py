@@ -453,12 +453,13 @@ def sync_point(run: Run, tally: torch.Tensor, bar: tqdm) -> str:
     and rank 0 also spends time validating).
     """
     session = time.perf_counter() - run.started
-    agreed = torch.stack([torch.tensor(run.elapsed, device=run.device, dtype=torch.float64),
-                          torch.tensor(session, device=run.device, dtype=torch.float64), tally[2].double()])
+    # [elapsed, session, non-finite in a row | loss sum, finite steps, skipped]: the first three are agreed on
+    # (max over ranks), the rest are this rank's; one read of the device for all of them. float32: MPS has no
+    # float64, and seconds to ~1e-7 of the budget are plenty.
+    values = torch.cat([torch.tensor([run.elapsed, session], device=run.device), tally[2:3], tally[:2], tally[3:]])
     if run.ranks.world_size > 1:
-        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-    run.clock, session, bad_in_row = agreed.tolist()
-    loss_sum, finite_steps, _, skipped = tally.tolist()
+        dist.all_reduce(values[:3], op=dist.ReduceOp.MAX)
+    run.clock, session, bad_in_row, loss_sum, finite_steps, skipped = values.tolist()
     if skipped:
         log.warning("by step %d: non-finite loss or gradient, step skipped %d time(s) since the last check (%d in a "
                     "row)", run.counters["step"], skipped, bad_in_row)
