@@ -31,7 +31,7 @@ from dataset import (
     split_keys,
     voxel_spacing,
 )
-from layouts import LISTED, SPLITS, DataError, Pair, find_pairs, resolve_layout
+from layouts import LISTED, SPLITS, DataError, Pair, check_split_folders_disjoint, find_pairs, resolve_layout
 from utils import NUM_CLASSES
 
 log = logging.getLogger("hipmri.cache")
@@ -246,6 +246,7 @@ def load_split(data_dir: str | Path, split: str, cfg: DataConfig | None = None, 
     spatial_dims, layout = found.spatial_dims, found.layout.name
     if spatial_dims == 2:
         pairs = find_pairs(data_dir, split, spatial_dims=2)
+        check_split_folders_disjoint(found)
     else:
         pairs = find_pairs(data_dir, None, spatial_dims=3)
         chosen = set(split_keys(data_dir, pairs, split_file, seed, cfg.split_ratios)[split])

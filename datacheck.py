@@ -20,7 +20,17 @@ import nibabel as nib
 import numpy as np
 
 import dataset
-from layouts import DataError, FoundLayout, Naming, Pair, find_layouts, listing, resolve_layout, scan_naming
+from layouts import (
+    DataError,
+    FoundLayout,
+    Naming,
+    Pair,
+    find_layouts,
+    listing,
+    patients_in_several_splits,
+    resolve_layout,
+    scan_naming,
+)
 from utils import CLASS_NAMES, NUM_CLASSES
 
 __all__ = ["check_data", "print_report"]
@@ -169,10 +179,9 @@ def _check_layout(found: FoundLayout, workers: int) -> tuple[list[str], list[str
         report += _group_report(name, pairs, group_infos)
         patients[name] = {p.case_id for p in pairs}
     if found.spatial_dims == 2 and patients:
-        shared = sorted(p for p in set().union(*patients.values()) if sum(p in s for s in patients.values()) > 1)
-        report.append(f"patients in more than one split: {listing(shared, 40) if shared else 'none'}")
-        problems += [f"patient {p} is in several splits: " + ", ".join(n for n, s in patients.items() if p in s)
-                     for p in shared]
+        shared = patients_in_several_splits(patients)
+        report.append(f"patients in more than one split: {listing(list(shared), 40) if shared else 'none'}")
+        problems += [f"patient {p} is in several splits: " + ", ".join(names) for p, names in shared.items()]
     return report, problems
 
 

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 __all__ = ["LAYOUTS", "NAMINGS", "SPLITS", "DataError", "FoundLayout", "Layout", "Naming", "Pair", "ParsedName",
-           "detect_layout", "find_layouts", "find_pairs", "is_hidden", "is_nifti", "listing", "nifti_stem",
-           "resolve_layout", "scan_naming"]
+           "check_split_folders_disjoint", "detect_layout", "find_layouts", "find_pairs", "is_hidden", "is_nifti",
+           "listing", "nifti_stem", "patient_id", "patients_in_several_splits", "resolve_layout", "scan_naming"]
 
 SPLITS = ("train", "validate", "test")
 LISTED = 5  # offending files named in an error message before "... and N more"
@@ -209,7 +209,7 @@ class Pair:
     """One image file and its label file (None for unlabelled input)."""
 
     key: str  # Naming.key: "case_004_week_0_slice_7" (2D), "Case_004_Week0" / "K019_Week1" (3D); unique
-    case_id: str  # patient number as written in the name, e.g. "004" (also for "K004_Week0")
+    case_id: str  # the patient: its number as 3 digits, "004" for case_004, Case_4 and K004 alike (patient_id)
     week: int
     slice_index: int | None  # 2D only
     image: Path
@@ -219,6 +219,12 @@ class Pair:
     def case_key(self) -> str:
         """The scan this file belongs to: "case_004_week_0" (2D) or the 3D key."""
         return self.key if self.slice_index is None else self.key.rsplit("_slice_", 1)[0]
+
+
+def patient_id(number: str) -> str:
+    """The one spelling of a patient: "004" for "004", "4" and "0004". Names are compared by number, so the
+    patient split, the checks and the weekly reports must not see Case_4 and Case_004 as two patients."""
+    return f"{int(number):03d}"
 
 
 def listing(paths: Sequence[str | Path], limit: int = LISTED) -> str:
@@ -336,7 +342,7 @@ def scan_naming(found: FoundLayout, naming: Naming, require_labels: bool = True
     pairs = []
     for key in sorted(images, key=lambda k: (k[1:], k[0])):
         parsed, path = images[key]
-        pairs.append(Pair(naming.key(parsed), parsed.patient, parsed.week, parsed.slice_index, path,
+        pairs.append(Pair(naming.key(parsed), patient_id(parsed.patient), parsed.week, parsed.slice_index, path,
                           labels[key][1] if key in labels else None))
     if not pairs and image_dir.is_dir():
         problems["empty split"].append(f"{image_dir} (no file named {naming.image_example})")
@@ -347,6 +353,28 @@ def _raise_problems(problems: dict[str, list[str]]) -> None:
     lines = [f"{kind} ({len(items)}): {listing(items)}" for kind, items in problems.items()]
     raise DataError("; ".join(lines) + ". Rename, move or remove these files (`python dataset.py check DIR` "
                     "lists every problem)")
+
+
+def patients_in_several_splits(patients: dict[str, set[str]]) -> dict[str, list[str]]:
+    """{patient: [splits]} for each patient found in more than one split ({split: patients} in), sorted."""
+    shared = {p: [name for name, members in patients.items() if p in members] for p in set().union(*patients.values())}
+    return {p: names for p, names in sorted(shared.items()) if len(names) > 1}
+
+
+def check_split_folders_disjoint(found: FoundLayout) -> None:
+    """2D: DataError if a patient's scans sit in more than one split folder (their scans would be trained on and
+    tested on). Reads file names only; train.py and predict.py call it, as `check` reports it."""
+    patients = {}
+    for split in SPLITS:
+        naming = found.layout.naming(split)
+        if naming is not None and (found.root / naming.image_dir).is_dir():
+            patients[split] = {pair.case_id for pair in scan_naming(found, naming, require_labels=False)[0]}
+    shared = patients_in_several_splits(patients) if patients else {}
+    if shared:
+        raise DataError("; ".join(f"patient {p} is in several split folders ({', '.join(names)})"
+                                  for p, names in list(shared.items())[:LISTED])
+                        + f" under {found.root}: a patient's scans would be both trained on and evaluated on. Move "
+                          f"them into one split (`python dataset.py check DIR` lists them all)")
 
 
 def find_pairs(data_dir: str | Path, split: str | None = None, require_labels: bool = True,

@@ -227,3 +227,21 @@ def test_the_phantoms_cluster_copy_loads_every_scan_and_splits_by_number(tmp_pat
     for name, keys in splits.items():
         others = {patient_of[k] for other, ks in splits.items() if other != name for k in ks}
         assert not {patient_of[k] for k in keys} & others
+
+
+def test_a_patient_in_two_2d_split_folders_is_refused_by_train_and_predict_as_by_check(tmp_path, capsys):
+    root = make_2d(tmp_path / "d", splits={"train": [("004", 0), ("005", 0)], "validate": [("006", 0)],
+                                           "test": [("007", 0), ("4", 1)]})  # patient 4 is patient 004
+    code, report = check(root, capsys)
+    assert code == 1 and "patient 004 is in several splits: train, test" in report
+    for split in ("train", "test"):  # what train.py and predict.py load
+        with pytest.raises(DataError, match=r"patient 004 is in several split folders \(train, test\)"):
+            cache_module.load_split(root, split, SMALL, cache_dir=tmp_path / "cache")
+
+
+def test_a_patient_number_is_one_patient_however_it_is_padded(tmp_path):
+    root = make_3d(tmp_path / "d", patients=("004", "005", "006"), weeks=(0,))
+    make_3d(root, patients=("4", "0005"), weeks=(1,))  # later weeks written without (or with more) zeros
+    assert {p.case_id for p in dataset.find_pairs(root)} == {"004", "005", "006"}
+    splits = dataset.split_by_patient(dataset.find_pairs(root), seed=0)
+    assert sorted(len(keys) for keys in splits.values()) == [1, 2, 2]  # Case_4 goes with Case_004, 0005 with 005
