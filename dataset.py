@@ -446,17 +446,23 @@ def split_keys(data_dir: Path, pairs: list[Pair], split_file: Path | None, seed:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python dataset.py check DATA_DIR`: exit 0 when clean, 1 when problems were found, 2 on bad usage."""
+    """`python dataset.py check DATA_DIR`: exit 0 when clean, 1 when problems were found, 2 on bad usage;
+    `python dataset.py export-nnunet ...`: see nnunet_export.run."""
     parser = argparse.ArgumentParser(prog="dataset.py", description="HipMRI data tools")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="read every file and print an integrity report")
     check.add_argument("data_dir", type=Path, help="HipMRI root (2D keras_slices_* or a 3D layout)")
     check.add_argument("--workers", type=int, default=None, help="reading processes (default: min(2, cores))")
+    import nnunet_export  # here, not at the top: nnunet_export imports this module
+
+    nnunet_export.add_parser(commands)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on bad usage, 0 for --help; main returns the code instead
         return exc.code if isinstance(exc.code, int) else 2
     setup_logging()
+    if args.command == "export-nnunet":
+        return nnunet_export.run(args)
     if not args.data_dir.is_dir():
         print(f"dataset.py check: {args.data_dir} is not a folder", file=sys.stderr)
         return 2
