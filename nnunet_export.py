@@ -180,6 +180,10 @@ def stack_affine(affines: Sequence[np.ndarray], files: Sequence[Path | str]) -> 
             worst = int(off_line.argmax())
             raise DataError(f"{files[worst]}: its origin lies {off_line[worst]:.3g} mm off the evenly spaced line of "
                             f"the scan's other slices (from {files[0]}); slices missing, duplicated or out of order")
+        header_step = np.linalg.norm(stack[0, :3, 2])
+        if abs(np.linalg.norm(step) - header_step) > SPACING_TOLERANCE_MM:  # what dataset.voxel_spacing reads
+            log.warning("%s: the slices lie %.4g mm apart but their headers' third axis is %.4g mm; the export "
+                        "uses their positions", files[0], np.linalg.norm(step), header_step)
     affine = np.eye(4)
     affine[:3, 0], affine[:3, 1], affine[:3, 2], affine[:3, 3] = in_plane[0, :, 0], step, in_plane[0, :, 1], origins[0]
     if abs(np.linalg.det(affine[:3, :3])) < 1e-6:
@@ -193,7 +197,8 @@ def _nifti_bytes(data: np.ndarray, affine: np.ndarray, source: nib.Nifti1Header 
     code = 1
     if source is not None and "sform_code" in source:
         code = int(source["sform_code"]) or int(source["qform_code"]) or 1
-        image.header.set_xyzt_units(*(u or d for u, d in zip(source.get_xyzt_units(), ("mm", "sec"))))
+        image.header.set_xyzt_units(*(d if u == "unknown" else u for u, d in zip(source.get_xyzt_units(),
+                                                                                    ("mm", "sec"))))
     else:
         image.header.set_xyzt_units("mm", "sec")
     image.set_qform(affine, code=code)
@@ -246,8 +251,10 @@ def _read_scan_3d(pair: Pair) -> tuple[np.ndarray, np.ndarray, np.ndarray, nib.N
 def _write_case(task: tuple[list[Pair], Path, Path]) -> tuple[str, tuple[int, ...]]:
     """Read one scan and write its image and label NIfTI files; returns (case name, shape)."""
     pairs, image_path, label_path = task
-    image, label, affine, header = _read_scan_2d(pairs) if pairs[0].slice_index is not None else \
-        _read_scan_3d(pairs[0])
+    if pairs[0].slice_index is None:
+        image, label, affine, header = _read_scan_3d(pairs[0])
+    else:
+        image, label, affine, header = _read_scan_2d(pairs)
     image_path.write_bytes(_nifti_bytes(image.astype(np.float32, copy=False), affine, header))
     label_path.write_bytes(_nifti_bytes(label.astype(np.uint8, copy=False), affine, header))
     return pairs[0].case_key, image.shape

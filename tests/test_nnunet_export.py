@@ -146,11 +146,14 @@ def test_2d_odd_sized_scan_keeps_its_size(exported_2d):
     assert set(shapes.values()) == {(256, 60, 128)}
 
 
-def test_exported_phantom_passes_nnunet_integrity_check(exported_2d):
+def test_exported_phantom_passes_nnunet_integrity_check(exported_2d, capfd):
     pytest.importorskip("nnunetv2")
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
-    verify_dataset_integrity(str(exported_2d), num_processes=1)  # raises on any problem
+    verify_dataset_integrity(str(exported_2d), num_processes=1)  # raises on wrong shapes, spacings, labels, NaN
+    printed = capfd.readouterr().out
+    assert "verify_dataset_integrity Done" in printed
+    assert "Warning" not in printed and "Error" not in printed, printed  # origin/direction mismatches only print
 
 
 # ---------------------------------------------------------------- folds and splits
