@@ -353,8 +353,8 @@ def next_steps(result: ExportResult, data_dir: str | Path) -> str:
     config = "2d" if result.dims == 2 else "3d_fullres"
     folds = " ".join(str(f) for f in range(len(result.folds)))
     lines = [
-        f"export nnUNet_raw={raw}",
-        "export nnUNet_preprocessed=/path/to/nnUNet_preprocessed nnUNet_results=/path/to/nnUNet_results",
+        f"export nnUNet_raw={raw} nnUNet_preprocessed={raw.parent}/nnUNet_preprocessed "
+        f"nnUNet_results={raw.parent}/nnUNet_results",
         f"nnUNetv2_plan_and_preprocess -d {n} -c {config} --verify_dataset_integrity",
         f"cp {result.folder.resolve()}/splits_final.json $nnUNet_preprocessed/{name}/splits_final.json",
         f"for fold in {folds}; do nnUNetv2_train {n} {config} $fold; done",
@@ -390,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dataset.py export-nnunet: {err}", file=sys.stderr)
         return 2
     test_note = "the 2D test folder" if result.dims == 2 else \
-        f"the test patients of the 3D patient split drawn with seed {args.seed} (as train.py --seed {args.seed})"
+        f"the test patients of the patient split that train.py --seed {args.seed} draws"
     print(f"{result.folder}: {len(result.training)} training cases in {len(result.folds)} patient-grouped fold(s), "
           f"{len(result.test)} test cases in imagesTs/ ({test_note}).\nNext:\n{next_steps(result, args.data_dir)}")
     return 0

@@ -211,7 +211,7 @@ def test_3d_folds_over_the_patients_left_after_the_test_split(phantom_3d_small_d
     folds = json.loads((tmp_path / "Dataset007_HipMRI3D" / "splits_final.json").read_text())
     training = cases_in(tmp_path / "Dataset007_HipMRI3D" / "imagesTr", channel=True)
     check_grouped(folds, patient_of(phantom_3d_small_dir), training)
-    assert "test patients of the 3D patient split" in capsys.readouterr().out
+    assert "test patients of the patient split that train.py --seed 0 draws" in capsys.readouterr().out
     assert export(phantom_3d_small_dir, tmp_path / "more", "--folds", "3") == 2
     assert "--folds 3" in capsys.readouterr().err
 
