@@ -366,7 +366,7 @@ def split_keys(data_dir: Path, pairs: list[Pair], split_file: Path | None, seed:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python dataset.py check DATA_DIR [--dims 2|3]`: exit 0 when clean, 1 when problems were found, 2 on bad
-    usage."""
+    usage; `python dataset.py export-nnunet ...`: see nnunet_export.run."""
     parser = argparse.ArgumentParser(prog="dataset.py", description="HipMRI data tools")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="read every file and print an integrity report")
@@ -375,11 +375,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="check only the 2D or the 3D layout (default: every layout found)")
     check.add_argument("--workers", type=int, default=None,
                        help=f"reading processes (default: the usable cores, at most {MAX_DEFAULT_WORKERS})")
+    import nnunet_export  # here, not at the top: nnunet_export imports this module
+
+    nnunet_export.add_parser(commands)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on bad usage, 0 for --help; main returns the code instead
         return exc.code if isinstance(exc.code, int) else 2
     setup_logging()
+    if args.command == "export-nnunet":
+        return nnunet_export.run(args)
     if not args.data_dir.is_dir():
         print(f"dataset.py check: {args.data_dir} is not a folder", file=sys.stderr)
         return 2

@@ -10,7 +10,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
-SCRIPTS = ("train.py", "predict.py", "phantom.py", "dataset.py", "bench.py", "tools/peer_recipe.py")
+SCRIPTS = ("train.py", "predict.py", "phantom.py", "dataset.py", "bench.py", "tools/peer_recipe.py",
+           "tools/nnunet_budget.py")
 
 
 def code_lines() -> list[str]:
@@ -19,8 +20,8 @@ def code_lines() -> list[str]:
 
 
 @cache
-def help_text(script: str) -> str:
-    args = [sys.executable, str(REPO / script), *(["check"] if script == "dataset.py" else []), "--help"]
+def help_text(script: str, subcommand: str = "check") -> str:
+    args = [sys.executable, str(REPO / script), *([subcommand] if script == "dataset.py" else []), "--help"]
     result = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, f"{script} --help failed: {result.stderr[-2000:]}"
     return result.stdout
@@ -42,8 +43,8 @@ def test_readme_shows_the_two_commands_first():
 
 @pytest.mark.parametrize("script, line", script_invocations())
 def test_every_flag_in_the_readme_exists(script, line):
-    text = help_text(script)
     after = line.split(script, 1)[1]
+    text = help_text(script, after.split()[0]) if script == "dataset.py" else help_text(script)
     for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]*", after):
         assert flag in text, f"README line `{line}` uses {flag}, which `{script} --help` does not list"
 
