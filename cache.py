@@ -37,7 +37,7 @@ from utils import NUM_CLASSES
 log = logging.getLogger("hipmri.cache")
 
 # 4: image/label geometry (orientation, spacing, origin) checked before a case is cached.
-CACHE_VERSION = 4  # bump whenever the code changes what a cache holds: old caches are then rebuilt
+CACHE_VERSION = 5  # bump whenever the code changes what a cache holds: old caches are then rebuilt
 
 
 def default_cache_dir() -> Path:
@@ -108,6 +108,17 @@ def _read_case(pairs: list[Pair], spatial_dims: int, cfg: DataConfig):
     return image, label, spacing, original_shape, warnings
 
 
+def _content_digest(pairs: list[Pair]) -> str:
+    """sha256 over the bytes of a scan's image and label files (2D: every slice, in order): what the files hold,
+    wherever they are. Read once more from the page cache right after decoding: cheap beside the decoding."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        for path in (pair.image, pair.label):
+            if path is not None:
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def _build_case(task: tuple) -> dict:
     """Worker: read one scan and write image_NNNNN.npy / label_NNNNN.npy into the build folder."""
     index, pairs, spatial_dims, cfg, folder = task
@@ -117,7 +128,7 @@ def _build_case(task: tuple) -> dict:
         return {"error": str(exc)}
     entry = {"key": pairs[0].case_key, "image": f"image_{index:05d}.npy", "label": None, "spacing": spacing,
              "original_shape": list(original_shape), "warnings": warnings, "error": None,
-             "class_counts": [0] * NUM_CLASSES}
+             "class_counts": [0] * NUM_CLASSES, "content_digest": _content_digest(pairs)}
     np.save(Path(folder) / entry["image"], image)
     if label is not None:
         entry["label"] = f"label_{index:05d}.npy"
@@ -217,6 +228,7 @@ class CaseSet:
     original_shapes: list[tuple[int, ...]]  # shape before resizing: 2D (n_slices, H0, W0); 3D (X, Y, Z)
     sources: list[list[Pair]]  # the files of each scan (2D in slice order), e.g. for headers when writing NIfTI
     class_counts: list[np.ndarray] = field(default_factory=list)  # int64 (NUM_CLASSES,) voxels per class
+    content_digests: list[str] = field(default_factory=list)  # sha256 of each scan's files' bytes
     cache_path: Path | None = None
 
     def __len__(self) -> int:
@@ -286,5 +298,6 @@ def _open_cache(folder: Path, manifest: dict, cases: list[list[Pair]], spatial_d
         original_shapes=[tuple(e["original_shape"]) for e in entries],
         sources=cases,
         class_counts=[np.asarray(e["class_counts"], dtype=np.int64) for e in entries],
+        content_digests=[e["content_digest"] for e in entries],
         cache_path=folder,
     )

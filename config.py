@@ -18,6 +18,9 @@ from utils import NUM_CLASSES
 # --out and --data-dir are where the run and its data are now (train.resolve_config checks the data is the same).
 RESUME_MAY_CHANGE = {"out", "data_dir", "resume", "session_minutes", "device", "workers", "cache_dir", "verbose",
                      "val_every", "max_bad_steps", "keep_freed_memory"}
+# Options of one invocation: on --resume they come from the command line (or their defaults), never from the saved
+# config (a --session-minutes or --device given once must not apply to every later resume).
+INVOCATION_ONLY = {"resume", "session_minutes", "device", "workers", "verbose"}
 # What --init-from takes from the checkpoint (the model it rebuilds); everything else starts anew.
 MODEL_FIELDS = ("dims", "features", "norm", "deep_supervision")
 

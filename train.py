@@ -9,10 +9,13 @@ Outputs in RUN/: config.json, split.json (3D), metrics.csv, progress.png, last.p
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import json
 import logging
 import math
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
@@ -30,7 +33,15 @@ import losses
 import sampling
 import utils
 from augment import AugmentConfig
-from config import MODEL_FIELDS, RESUME_MAY_CHANGE, TrainConfig, dims_defaults, model_args, parse_config
+from config import (
+    INVOCATION_ONLY,
+    MODEL_FIELDS,
+    RESUME_MAY_CHANGE,
+    TrainConfig,
+    dims_defaults,
+    model_args,
+    parse_config,
+)
 from modules import UNet, count_parameters
 
 log = logging.getLogger("hipmri.train")
@@ -48,20 +59,40 @@ def resolve_config(cfg: TrainConfig, overrides: dict) -> TrainConfig:
     if cfg.resume:
         if cfg.init_from:
             raise SystemExit("--resume continues RUN/last.pt; --init-from starts a new run: pass one of them")
-        saved = TrainConfig(**_tuples(utils.load_checkpoint(Path(out) / "last.pt")["config"]))
+        saved = TrainConfig(**_tuples(_load_last(Path(out) / "last.pt")["config"]))
         _refuse_clashes(saved, overrides, Path(out) / "last.pt")
-        resumed = replace(saved, out=out, **{k: v for k, v in overrides.items() if k in RESUME_MAY_CHANGE - {"out"}})
+        # Options of one invocation never come back from the saved config: they are this command line's or default.
+        resumed = replace(saved, out=out, **{k: getattr(cfg, k) for k in INVOCATION_ONLY},
+                          **{k: v for k, v in overrides.items() if k in RESUME_MAY_CHANGE - INVOCATION_ONLY - {"out"}})
         return replace(resumed, data_dir=_absolute(resumed.data_dir), cache_dir=_absolute(resumed.cache_dir))
     if cfg.init_from:
         cfg = _model_from_checkpoint(cfg, overrides)
     if cfg.data_dir is None:
         cfg = replace(cfg, data_dir=str(cache.default_phantom(cfg.cache_dir, "3d" if cfg.dims == 3 else "2d",
                                                               cfg.seed)))
-    layout_dims = 2 if dataset.detect_layout(cfg.data_dir, cfg.dims) == "2d" else 3
+    try:
+        layout_dims = 2 if dataset.detect_layout(cfg.data_dir, cfg.dims) == "2d" else 3
+    except dataset.DataError as exc:
+        if not cfg.init_from:
+            raise
+        raise dataset.DataError(f"--init-from {cfg.init_from} holds a {cfg.dims}D model, and {cfg.data_dir} has no "
+                                f"{cfg.dims}D layout to train it on ({exc})") from None
     if cfg.dims is not None and cfg.dims != layout_dims:
         raise SystemExit(f"--dims {cfg.dims} does not match the {layout_dims}D layout found in {cfg.data_dir}")
     return dims_defaults(replace(cfg, dims=layout_dims, out=out, data_dir=_absolute(cfg.data_dir),
                                  cache_dir=_absolute(cfg.cache_dir), init_from=_absolute(cfg.init_from)))
+
+
+def _load_last(path: Path) -> dict:
+    """RUN/last.pt for --resume; a damaged one gets advice (best.pt is written separately and may be intact)."""
+    try:
+        return utils.load_checkpoint(path)
+    except utils.CheckpointError as exc:
+        if not path.is_file():
+            raise
+        raise utils.CheckpointError(f"{exc}. The run cannot continue from it; {path.parent / 'best.pt'} may still be "
+                                    f"good: start a new run from its weights with --init-from "
+                                    f"{path.parent / 'best.pt'} --out NEW_RUN") from None
 
 
 def _absolute(path: str | None) -> str | None:
@@ -104,14 +135,13 @@ def _tuples(config: dict) -> dict:
 
 
 def data_fingerprint(*case_sets: cache.CaseSet) -> str:
-    """sha256 of the training data's file names and sizes (image and label folder/name): equal for the same files
-    wherever they are, so a run can be resumed on data that was moved or copied to another disk."""
+    """sha256 of the training and validation data's contents (each scan's key and the digest of its files' bytes,
+    from the cache): equal for the same files wherever they are, so a run can be resumed on data that was moved
+    or copied to another disk, and refused on data that changed."""
     digest = hashlib.sha256()
     for cases in case_sets:
-        for pair in (p for scan in cases.sources for p in scan):
-            for path in (pair.image, pair.label):
-                if path is not None:
-                    digest.update(f"{path.parent.name}/{path.name}|{path.stat().st_size}\n".encode())
+        for key, content in zip(cases.keys, cases.content_digests):
+            digest.update(f"{key}|{content}\n".encode())
     return digest.hexdigest()
 
 
@@ -148,7 +178,7 @@ def init_distributed(cfg: TrainConfig) -> tuple[Ranks, torch.device]:
             torch.cuda.set_device(device)  # the RNG state saved with checkpoints is the current device's
         return Ranks(), device
     ranks = Ranks(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    if cfg.device is not None and cfg.device.startswith("cuda") and not torch.cuda.is_available():
+    if cfg.device is not None and utils.parse_device(cfg.device).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {cfg.device}: CUDA is not available to this process (torchrun rank {ranks.rank}); "
                          f"check the GPU allocation (nvidia-smi, CUDA_VISIBLE_DEVICES) or use --device cpu")
     wants_cuda = torch.cuda.is_available() and (cfg.device is None or cfg.device.startswith("cuda"))
@@ -329,6 +359,8 @@ def build_run(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
     split_file = run_dir / "split.json" if cfg.dims == 3 else None
     if not ranks.is_main:
         barrier(ranks, slow=True)  # rank 0 builds the cache (and split.json) first; the others then read it
+    elif cfg.init_from and split_file is not None and not split_file.exists():
+        inherit_split(Path(cfg.init_from).parent / "split.json", split_file)
     train_cases = cache.load_split(cfg.data_dir, "train", data_cfg, cache_dir=cfg.cache_dir, split_file=split_file,
                                    seed=cfg.seed, workers=cfg.workers, spatial_dims=cfg.dims)
     val_cases = cache.load_split(cfg.data_dir, "validate", data_cfg, cache_dir=cfg.cache_dir, split_file=split_file,
@@ -366,6 +398,38 @@ def build_run(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
                 "history": [], "train_seconds": 0.0}
     return Run(cfg, ranks, device, amp_dtype, model, net, optimizer, make_scaler(device, amp_dtype),
                loss_fn.to(device), source, val_cases, total_steps, counters, data_fingerprint(train_cases, val_cases))
+
+
+def inherit_split(source: Path, split_file: Path) -> None:
+    """--init-from in 3D: the new run keeps the patient split of the run it starts from, so patients that run
+    trained on never become this run's validation or test patients."""
+    if source.is_file():
+        dataset.save_split(split_file, *_split_record(source))
+        log.info("using the patient split of the run the weights come from (%s)", source)
+    else:
+        log.warning("%s not found: drawing a new patient split, whose validation and test patients the weights may "
+                    "have been trained on", source)
+
+
+def _split_record(path: Path) -> tuple[dict, int, list]:
+    record = json.loads(path.read_text())
+    return dataset.load_split_file(path), record.get("seed", 0), record.get("ratios", [])
+
+
+def lock_run(out: Path):
+    """Hold RUN/.lock for this process's life (an open file with an exclusive flock): a second train.py on the same
+    run folder (a requeued or doubly submitted job) stops at once instead of overwriting its checkpoints."""
+    handle = open(out / ".lock", "a+")  # held open until the process ends, on purpose
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        raise SystemExit(f"{out} is being trained by another process ({handle.read().strip() or 'pid unknown'}); "
+                         f"wait for it to end, or choose another --out") from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
 
 
 def warn_if_no_test_split(cfg: TrainConfig, split_file: Path | None) -> None:
@@ -507,7 +571,7 @@ def save_checkpoint(run: Run, path: Path) -> None:
         "total_steps": run.total_steps,
         "rng": utils.get_rng_state(),
         "config": asdict(run.cfg),
-        "data_fingerprint": run.data_fingerprint,
+        "data_digest": run.data_fingerprint,
         "class_names": list(utils.CLASS_NAMES),
         "data_config": asdict(dataset.DataConfig()),
     }, path)
@@ -516,11 +580,11 @@ def save_checkpoint(run: Run, path: Path) -> None:
 def restore(run: Run, path: Path) -> None:
     """Continue the run saved in `path`. The checkpoint is read to the CPU and each state placed by its
     load_state_dict (the RNG states must stay CPU tensors); DataError if the data holds other files now."""
-    ckpt = utils.load_checkpoint(path, map_location="cpu")
-    saved_fingerprint = ckpt.get("data_fingerprint")
+    ckpt = _load_last(path)
+    saved_fingerprint = ckpt.get("data_digest")  # checkpoints from before it was saved are not checked
     if saved_fingerprint and saved_fingerprint != run.data_fingerprint:
         raise dataset.DataError(f"{run.cfg.data_dir} does not hold the files {path} was trained on (their names or "
-                                f"sizes differ): pass the run's data with --data-dir, or start a new run")
+                                f"contents differ): pass the run's data with --data-dir, or start a new run")
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     load_scaler_state(run, ckpt)
@@ -593,7 +657,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{out} already holds a run (last.pt): pass --resume to continue it, "
                              "or choose another --out")
         if ranks.is_main:
+            if out.exists() and not out.is_dir():
+                raise SystemExit(f"--out {out} is a file; a run folder is a folder: choose another --out")
             out.mkdir(parents=True, exist_ok=True)
+            lock = lock_run(out)  # noqa: F841 - released when the process (or this call) ends
             utils.setup_logging(cfg.verbose, ranks.rank, log_file=out / "train.log")
             utils.write_json(out / "config.json", asdict(cfg))
         if cfg.keep_freed_memory and utils.keep_freed_memory(device):

@@ -93,10 +93,18 @@ def _cpu(tensor: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- device and mixed precision
 
 
+def parse_device(name: str) -> torch.device:
+    """torch.device(name), or SystemExit saying what a device is ("gpu" is not one)."""
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device {name}: not a device; use cpu, cuda or cuda:N (or leave it out)") from None
+
+
 def choose_device(name: str | None = None) -> torch.device:
     """`name` ("cpu", "cuda", "cuda:1") or the best available: CUDA, then Apple MPS, then CPU."""
     if name:
-        device = torch.device(name)
+        device = parse_device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu")
         return device
@@ -185,6 +193,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private (0600); a run is read by colleagues too
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -193,6 +202,12 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) ->
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

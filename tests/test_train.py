@@ -1,6 +1,7 @@
 """train.py end to end on a tiny phantom: outputs, reload, exact resume after SIGKILL, torchrun, budget, NaN."""
 
 import csv
+import fcntl
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import dataset
 import inference
 import losses
 import train
@@ -147,13 +149,54 @@ def test_resume_on_moved_data_checks_the_files_not_the_path(phantom_2d_dir, tmp_
     shutil.rmtree(data)
     assert train.main(["--out", str(run), "--resume", "--epochs", "2"]) == 2  # the saved path is gone
     assert "--data-dir" in capsys.readouterr().err
-    changed = next((moved / "keras_slices_train").iterdir())
-    changed.write_bytes(changed.read_bytes() + b"\0")
+    changed = next((moved / "keras_slices_seg_train").iterdir())
+    original = changed.read_bytes()
+    changed.write_bytes(original[:4] + b"\1\2\3\4" + original[8:])  # gzip's mtime field: same name and size
     assert train.main(["--out", str(run), "--resume", "--data-dir", str(moved), "--epochs", "2"]) == 2
     assert "does not hold the files" in capsys.readouterr().err
-    changed.write_bytes(changed.read_bytes()[:-1])
+    changed.write_bytes(original)
     assert train.main(["--out", str(run), "--resume", "--data-dir", str(moved), "--epochs", "2"]) == 0
     assert utils.load_checkpoint(run / "last.pt")["config"]["data_dir"] == str(moved)
+
+
+def test_options_of_one_invocation_do_not_come_back_on_resume(phantom_2d_dir, tmp_path):
+    run = tmp_path / "run"
+    assert train.main(tiny_args(phantom_2d_dir, run, "--epochs", 3, "--session-minutes", 0)) == 0
+    assert train.main(tiny_args(phantom_2d_dir, run, "--epochs", 3, "--resume")) == 0  # no session budget now
+    assert len(read_metrics(run)) == 3
+
+
+def test_a_run_folder_is_trained_by_one_process_at_a_time(phantom_2d_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "a+") as other:  # another train.py holding the run
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit, match="is being trained by another process"):
+            train.main(tiny_args(phantom_2d_dir, run, "--epochs", 1))
+    assert train.main(tiny_args(phantom_2d_dir, run, "--epochs", 1)) == 0
+
+
+def test_bad_out_device_and_damaged_last_pt_get_messages(phantom_2d_dir, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit, match="is a file"):
+        train.main(tiny_args(phantom_2d_dir, a_file))
+    with pytest.raises(SystemExit, match="--device gpu: not a device"):
+        train.main(tiny_args(phantom_2d_dir, tmp_path / "run", "--device", "gpu"))
+    run = tmp_path / "damaged"
+    assert train.main(tiny_args(phantom_2d_dir, run, "--epochs", 2, "--session-minutes", 0)) == 0
+    (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:1000])
+    assert train.main(tiny_args(phantom_2d_dir, run, "--epochs", 2, "--resume")) == 2
+    assert f"--init-from {run / 'best.pt'}" in capsys.readouterr().err
+
+
+def test_init_from_keeps_the_patient_split_of_the_source_run(phantom_3d_small_dir, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    small = ["--epochs", 1, "--patch-size", 16, 16, 16, "--steps-per-epoch", 1]
+    assert train.main(tiny_args(phantom_3d_small_dir, first, *small)) == 0
+    assert train.main(tiny_args(phantom_3d_small_dir, second, *small, "--init-from", first / "best.pt",
+                                "--seed", 7)) == 0
+    assert dataset.load_split_file(second / "split.json") == dataset.load_split_file(first / "split.json")
 
 
 def test_budget_after_resume_starts_at_the_schedules_lr_not_zero(phantom_2d_dir, tmp_path, monkeypatch):

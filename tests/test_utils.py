@@ -1,6 +1,7 @@
 """utils: RNG state round trip, atomic writes, checkpoint loading errors, AMP choice, CPU allocator, progress plot."""
 
 import math
+import os
 import platform
 import random
 import subprocess
@@ -61,6 +62,16 @@ def test_atomic_write_leaves_no_temp_files_and_replaces(tmp_path):
     utils.atomic_write_text(target, "two")
     assert target.read_text() == "two"
     assert [p.name for p in target.parent.iterdir()] == ["a.txt"]
+
+
+def test_atomic_write_gives_the_modes_of_an_ordinary_file(tmp_path):
+    """mkstemp makes its file 0600: a run or a mask would be unreadable to the user's group on a shared cluster."""
+    umask = os.umask(0o022)
+    try:
+        utils.atomic_write_text(tmp_path / "a.json", "{}")
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
 
 
 def test_atomic_write_failure_keeps_old_file(tmp_path):
