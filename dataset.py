@@ -150,9 +150,11 @@ def pair_mismatch(pair: Pair, image_shape: tuple[int, ...], image_img: nib.spati
     if not differs:
         return ""
     unknown = [str(path) for path, img in ((pair.image, image_img), (pair.label, label_img)) if _no_geometry(img)]
-    note = f"; {' and '.join(unknown)} store no orientation (qform and sform codes 0)" if unknown else ""
-    return (f"geometry mismatch: {differs} (image {pair.image}, label {pair.label}){note}; the label would be "
-            f"trained on the wrong voxels: re-export it on the image's voxel grid and affine")
+    verb = "stores" if len(unknown) == 1 else "store"
+    note = f"; {' and '.join(unknown)} {verb} no orientation (qform and sform codes 0)" if unknown else ""
+    return (f"geometry mismatch: {differs} (image {pair.image}, label {pair.label}){note}; the label does not lie "
+            f"on the image's voxels, so training or scoring with it would use the wrong ones: re-export it on the "
+            f"image's voxel grid and affine")
 
 
 def _no_geometry(img: nib.spatialimages.SpatialImage) -> bool:
