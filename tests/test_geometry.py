@@ -116,7 +116,7 @@ def test_a_label_in_other_geometry_is_refused_by_check_and_the_cache(tmp_path, c
 def test_a_label_without_stored_orientation_is_named_as_such(tmp_path, capsys):
     root = write_3d_pair(tmp_path / "data", label_affine=None)
     code, out = check(root, capsys)
-    assert code == 1 and "geometry mismatch" in out and "store no orientation (qform and sform codes 0)" in out
+    assert code == 1 and "geometry mismatch" in out and "stores no orientation (qform and sform codes 0)" in out
 
 
 def test_a_2d_slice_label_with_another_origin_is_refused(tmp_path, capsys):
