@@ -82,7 +82,7 @@ def _check_case_names(scans: dict[str, list[Pair]]) -> None:
            if _CHANNEL_LIKE.fullmatch(key) or not _SAFE_NAME.fullmatch(key)]
     if bad:
         raise DataError(f"scan name(s) not usable as nnU-Net case names (they end in _NNNN like a channel suffix, "
-                        f"or hold characters other than letters, digits, '_', '.', '-'): {dataset._listing(bad)}; "
+                        f"or hold characters other than letters, digits, '_', '.', '-'): {dataset.listing(bad)}; "
                         f"rename these files")
 
 
@@ -98,13 +98,13 @@ def _scans_2d(data_dir: Path) -> tuple[dict[str, list[Pair]], dict[str, list[str
             folders_of[pair.case_id].add(split)
         clash = sorted(grouped.keys() & scans.keys())
         if clash:
-            raise DataError(f"{data_dir}: scan(s) {dataset._listing(clash)} have slices in two split folders "
+            raise DataError(f"{data_dir}: scan(s) {dataset.listing(clash)} have slices in two split folders "
                             f"(keras_slices_{split} and another); keep each scan in one split")
         scans.update(grouped)
         splits[split] = sorted(grouped)
     shared = sorted(f"{p} ({', '.join(sorted(s))})" for p, s in folders_of.items() if len(s) > 1)
     if shared:
-        raise DataError(f"{data_dir}: patient(s) in more than one split folder: {dataset._listing(shared)}; "
+        raise DataError(f"{data_dir}: patient(s) in more than one split folder: {dataset.listing(shared)}; "
                         f"the splits must be by patient, move all of a patient's scans into one split")
     return scans, splits
 
@@ -223,7 +223,7 @@ def _read_scan_2d(pairs: list[Pair]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     if indices != list(range(len(pairs))):
         missing = sorted(set(range(max(indices) + 1)) - set(indices))
         raise DataError(f"{pairs[0].image.parent}: scan {pairs[0].case_key} has slices {indices[0]}..{indices[-1]}"
-                        f" with slice(s) {dataset._listing(missing)} missing; a scan needs slices 0..N-1 to be stacked")
+                        f" with slice(s) {dataset.listing(missing)} missing; a scan needs slices 0..N-1 to be stacked")
     images, labels, affines = [], [], []
     for pair in pairs:
         data, img = dataset.read_image(pair.image, spatial_dims=2)
