@@ -2,11 +2,12 @@
 
 Layouts, namings and pairing files by name live in layouts.py (`resolve_layout`, `find_pairs`, `Pair`,
 `DataError`), re-exported here. A *case* is one scan (patient + week). In 2D its slices are stacked in slice
-order into (n_slices, H, W); in 3D it is the (X, Y, Z) volume in nibabel's axis order. `read_pair` reads an image
-and its label and checks that they overlay (shape, orientation, spacing, origin). `preprocess_image` is the one
-preprocessing of an image, for training and prediction alike; cache.py decodes a split once through it into a
-memory-mapped cache (`cache.load_split`). Batches come from sampling.py; `python dataset.py check DATA_DIR` prints
-the integrity report of datacheck.py.
+order into (n_slices, H, W), and written as one volume they are (H, n_slices, W) (`scan_volume`, `stack_affine`);
+in 3D it is the (X, Y, Z) volume in nibabel's axis order. `read_pair` reads an image and its label and checks
+that they overlay (shape, orientation, spacing, origin). `preprocess_image` is the one preprocessing of an image,
+for training and prediction alike; cache.py decodes a split once through it into a memory-mapped cache
+(`cache.load_split`). Batches come from sampling.py; `python dataset.py check DATA_DIR` prints the integrity report
+of datacheck.py.
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ from layouts import (  # the find-and-pair API lives in layouts.py; it is re-exp
 )
 from utils import NUM_CLASSES, setup_logging, write_json
 
-__all__ = ["SPLITS", "DataConfig", "DataError", "Pair", "default_workers", "detect_layout", "find_pairs",
-           "geometry_mismatch", "listing", "load_split_file", "main", "normalise", "pair_mismatch", "preprocess_image",
-           "read_image", "read_label", "read_pair", "resize_slices", "resolve_layout", "save_split", "scan_naming",
-           "split_by_patient", "voxel_spacing"]
+__all__ = ["SCAN_VOLUME_AXES", "SPLITS", "DataConfig", "DataError", "Pair", "default_workers", "detect_layout",
+           "find_pairs", "geometry_mismatch", "listing", "load_split_file", "main", "normalise", "pair_mismatch",
+           "preprocess_image", "read_image", "read_label", "read_pair", "resize_slices", "resolve_layout",
+           "save_split", "scan_naming", "scan_slices", "scan_volume", "split_by_patient", "stack_affine",
+           "voxel_spacing"]
 
 log = logging.getLogger("hipmri.dataset")
 
@@ -184,7 +186,8 @@ SPACING_TOLERANCE_MM = 1e-3
 ORIGIN_TOLERANCE_MM = 1e-2
 
 
-def geometry_mismatch(image: nib.spatialimages.SpatialImage, label: nib.spatialimages.SpatialImage) -> str:
+def geometry_mismatch(image: nib.spatialimages.SpatialImage, label: nib.spatialimages.SpatialImage,
+                      names: tuple[str, str] = ("image", "label")) -> str:
     """How a label file's geometry differs from its image's, or "" when they overlay voxel for voxel.
 
     Compares, from the two affines (nibabel's voxel -> world mm): orientation codes (`nib.aff2axcodes`, e.g. LPS),
@@ -192,22 +195,79 @@ def geometry_mismatch(image: nib.spatialimages.SpatialImage, label: nib.spatiali
     nnU-Net's dataset integrity check compares origin, spacing and direction. The array shapes are compared
     elsewhere (after trailing singleton axes are dropped). Example: a label re-exported mirrored along x with
     its affine adjusted overlays in a viewer but trains mirrored; it gives "label orientation RPS, image LPS; ...".
+    `names` words the two roles otherwise, e.g. ("label", "mask") when a mask is judged against its label.
     """
+    image_name, label_name = names
     a, b = np.asarray(image.affine, dtype=np.float64), np.asarray(label.affine, dtype=np.float64)
     problems = []
     codes_a, codes_b = "".join(nib.aff2axcodes(a)), "".join(nib.aff2axcodes(b))
     if codes_a != codes_b:
-        problems.append(f"label orientation {codes_b}, image {codes_a}")
+        problems.append(f"{label_name} orientation {codes_b}, {image_name} {codes_a}")
     spacing_a, spacing_b = np.linalg.norm(a[:3, :3], axis=0), np.linalg.norm(b[:3, :3], axis=0)
     if not np.allclose(spacing_a, spacing_b, rtol=0, atol=SPACING_TOLERANCE_MM):
-        problems.append(f"label spacing {' x '.join(f'{s:.4g}' for s in spacing_b)} mm, image "
+        problems.append(f"{label_name} spacing {' x '.join(f'{s:.4g}' for s in spacing_b)} mm, {image_name} "
                         f"{' x '.join(f'{s:.4g}' for s in spacing_a)} mm")
     if not np.allclose(a[:3, 3], b[:3, 3], rtol=0, atol=ORIGIN_TOLERANCE_MM):
-        problems.append(f"label origin ({', '.join(f'{v:.2f}' for v in b[:3, 3])}) mm, image "
+        problems.append(f"{label_name} origin ({', '.join(f'{v:.2f}' for v in b[:3, 3])}) mm, {image_name} "
                         f"({', '.join(f'{v:.2f}' for v in a[:3, 3])}) mm")
     if not problems and not np.allclose(a[:3, :3] / spacing_a, b[:3, :3] / spacing_b, rtol=0, atol=1e-4):
-        problems.append("label and image axes point in different directions (same orientation codes, oblique)")
+        problems.append(f"{label_name} and {image_name} axes point in different directions (same orientation codes, "
+                        f"oblique)")
     return "; ".join(problems)
+
+
+# A 2D scan as one volume: its slice files stacked on axis 1 in slice order, (H, n_slices, W) with
+# vol[:, j, :] = slice file j, as the slices were cut from the study's volumes. The (n, H, W) stack <-> (H, n, W)
+# volume swap is its own inverse. nnunet_export writes scans so; predict.py --score reads them so.
+SCAN_VOLUME_AXES = (1, 0, 2)
+
+
+def scan_volume(stack: np.ndarray) -> np.ndarray:
+    """A 2D scan's slices stacked (n_slices, H, W) -> its volume (H, n_slices, W), vol[:, j, :] = slice j (a view)."""
+    return stack.transpose(SCAN_VOLUME_AXES)
+
+
+def scan_slices(volume: np.ndarray) -> np.ndarray:
+    """A 2D scan's volume (H, n_slices, W) -> its slices stacked (n_slices, H, W) (a view); undoes `scan_volume`."""
+    return volume.transpose(SCAN_VOLUME_AXES)
+
+
+def stack_affine(affines: Sequence[np.ndarray], files: Sequence[Path | str]) -> np.ndarray:
+    """Affine (4, 4) of the volume vol[:, j, :] = slice j (`scan_volume`), from the slices' affines (4, 4) in slice
+    order.
+
+    Columns: slice axis 0, the step between consecutive slice origins, slice axis 1; origin: slice 0's. When every
+    slice has the same origin (headers without the through-plane position), the step is the slices' own third
+    column (as `voxel_spacing` assumes) and a warning says so. DataError naming the file when the slices do not
+    form one volume: other in-plane axes, origins off an evenly spaced line, or a step in the slice plane.
+    """
+    stack = np.stack([np.asarray(a, dtype=np.float64) for a in affines])
+    in_plane = stack[:, :3][:, :, [0, 1]]
+    off_axes = np.flatnonzero(np.abs(in_plane - in_plane[0]).max(axis=(1, 2)) > SPACING_TOLERANCE_MM)
+    if off_axes.size:
+        raise DataError(f"{files[off_axes[0]]}: in-plane axes differ from those of {files[0]}; these slices are "
+                        f"not cut from one volume")
+    origins = stack[:, :3, 3]
+    if np.linalg.norm(origins - origins[0], axis=1).max() <= ORIGIN_TOLERANCE_MM:
+        step = stack[0, :3, 2]
+        log.warning("%s: all slices share one origin; stacking them %.4g mm apart along the header's third axis",
+                    files[0], np.linalg.norm(step))
+    else:
+        step = (origins[-1] - origins[0]) / (len(origins) - 1)
+        off_line = np.linalg.norm(origins - (origins[0] + np.arange(len(origins))[:, None] * step), axis=1)
+        if off_line.max() > ORIGIN_TOLERANCE_MM:
+            worst = int(off_line.argmax())
+            raise DataError(f"{files[worst]}: its origin lies {off_line[worst]:.3g} mm off the evenly spaced line of "
+                            f"the scan's other slices (from {files[0]}); slices missing, duplicated or out of order")
+        header_step = np.linalg.norm(stack[0, :3, 2])
+        if abs(np.linalg.norm(step) - header_step) > SPACING_TOLERANCE_MM:  # what voxel_spacing reads
+            log.warning("%s: the slices lie %.4g mm apart but their headers' third axis is %.4g mm; the volume "
+                        "uses their positions", files[0], np.linalg.norm(step), header_step)
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1], affine[:3, 2], affine[:3, 3] = in_plane[0, :, 0], step, in_plane[0, :, 1], origins[0]
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise DataError(f"{files[0]}: the slices step along their own plane; they do not form a volume")
+    return affine
 
 
 def normalise(image: np.ndarray, clip_percentiles: tuple[float, float] | None = (0.5, 99.5),

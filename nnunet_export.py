@@ -10,11 +10,13 @@ export-nnunet`).
 
 CASE is the scan key `Pair.case_key`: "case_004_week_0" (2D layout), the volume key such as "Case_004_Week0" or
 "B006_Week0" (3D). A 3D case is the volume as stored, with the image's affine. A 2D case is one scan's slice
-files stacked into a volume of shape (H, n_slices, W) in nibabel's axis order, where (H, W) is the slice files'
-shape: vol[:, j, :] is slice file j (slice_j), as the slices were cut from the study's volumes. Its affine
-maps voxel (a, j, b) to where slice file j puts pixel (a, b): columns (slice axis 0, step between slice origins,
-slice axis 1), origin that of slice 0. The label takes the image's affine once `dataset.geometry_mismatch`
-finds them in agreement, since nnU-Net's integrity check demands equal geometry to float precision.
+files stacked into a volume of shape (H, n_slices, W) in nibabel's axis order (`dataset.scan_volume`), where
+(H, W) is the slice files' shape: vol[:, j, :] is slice file j (slice_j), as the slices were cut from the study's
+volumes. Its affine (`dataset.stack_affine`) maps voxel (a, j, b) to where slice file j puts pixel (a, b): columns
+(slice axis 0, step between slice origins, slice axis 1), origin that of slice 0. The label takes the image's
+affine once `dataset.geometry_mismatch` finds them in agreement, since nnU-Net's integrity check demands equal
+geometry to float precision. nnU-Net's predictions come back in this geometry, and `predict.py --score` reads
+them as they are.
 
 Splits: 2D, the train and validate folders are the training cases (fold 0 = train vs validate as given) and the
 test folder is imagesTs. 3D, `dataset.split_by_patient(pairs, seed, DataConfig().split_ratios)` draws the same
@@ -41,11 +43,11 @@ import nibabel as nib
 import numpy as np
 
 import dataset
-from dataset import ORIGIN_TOLERANCE_MM, SPACING_TOLERANCE_MM, DataConfig, DataError, Pair
+from dataset import DataConfig, DataError, Pair
 from utils import CLASS_NAMES, write_json
 
 __all__ = ["ExportResult", "add_parser", "assign_folds", "dataset_folder_name", "export_nnunet", "next_steps",
-           "run", "stack_affine"]
+           "run"]
 
 log = logging.getLogger("hipmri.nnunet_export")
 
@@ -82,7 +84,7 @@ def _check_case_names(scans: dict[str, list[Pair]]) -> None:
            if _CHANNEL_LIKE.fullmatch(key) or not _SAFE_NAME.fullmatch(key)]
     if bad:
         raise DataError(f"scan name(s) not usable as nnU-Net case names (they end in _NNNN like a channel suffix, "
-                        f"or hold characters other than letters, digits, '_', '.', '-'): {dataset._listing(bad)}; "
+                        f"or hold characters other than letters, digits, '_', '.', '-'): {dataset.listing(bad)}; "
                         f"rename these files")
 
 
@@ -98,13 +100,13 @@ def _scans_2d(data_dir: Path) -> tuple[dict[str, list[Pair]], dict[str, list[str
             folders_of[pair.case_id].add(split)
         clash = sorted(grouped.keys() & scans.keys())
         if clash:
-            raise DataError(f"{data_dir}: scan(s) {dataset._listing(clash)} have slices in two split folders "
+            raise DataError(f"{data_dir}: scan(s) {dataset.listing(clash)} have slices in two split folders "
                             f"(keras_slices_{split} and another); keep each scan in one split")
         scans.update(grouped)
         splits[split] = sorted(grouped)
     shared = sorted(f"{p} ({', '.join(sorted(s))})" for p, s in folders_of.items() if len(s) > 1)
     if shared:
-        raise DataError(f"{data_dir}: patient(s) in more than one split folder: {dataset._listing(shared)}; "
+        raise DataError(f"{data_dir}: patient(s) in more than one split folder: {dataset.listing(shared)}; "
                         f"the splits must be by patient, move all of a patient's scans into one split")
     return scans, splits
 
@@ -154,43 +156,6 @@ def _folds(scans: dict[str, list[Pair]], splits: dict[str, list[str]], folds: in
 # ---------------------------------------------------------------- geometry and files
 
 
-def stack_affine(affines: Sequence[np.ndarray], files: Sequence[Path | str]) -> np.ndarray:
-    """Affine (4, 4) of the volume vol[:, j, :] = slice j, from the slices' affines (4, 4) in slice order.
-
-    Columns: slice axis 0, the step between consecutive slice origins, slice axis 1; origin: slice 0's. When every
-    slice has the same origin (headers without the through-plane position), the step is the slices' own third
-    column (as `dataset.voxel_spacing` assumes) and a warning says so. DataError naming the file when the slices
-    do not form one volume: other in-plane axes, origins off an evenly spaced line, or a step in the slice plane.
-    """
-    stack = np.stack([np.asarray(a, dtype=np.float64) for a in affines])
-    in_plane = stack[:, :3][:, :, [0, 1]]
-    off_axes = np.flatnonzero(np.abs(in_plane - in_plane[0]).max(axis=(1, 2)) > SPACING_TOLERANCE_MM)
-    if off_axes.size:
-        raise DataError(f"{files[off_axes[0]]}: in-plane axes differ from those of {files[0]}; these slices are "
-                        f"not cut from one volume")
-    origins = stack[:, :3, 3]
-    if np.linalg.norm(origins - origins[0], axis=1).max() <= ORIGIN_TOLERANCE_MM:
-        step = stack[0, :3, 2]
-        log.warning("%s: all slices share one origin; stacking them %.4g mm apart along the header's third axis",
-                    files[0], np.linalg.norm(step))
-    else:
-        step = (origins[-1] - origins[0]) / (len(origins) - 1)
-        off_line = np.linalg.norm(origins - (origins[0] + np.arange(len(origins))[:, None] * step), axis=1)
-        if off_line.max() > ORIGIN_TOLERANCE_MM:
-            worst = int(off_line.argmax())
-            raise DataError(f"{files[worst]}: its origin lies {off_line[worst]:.3g} mm off the evenly spaced line of "
-                            f"the scan's other slices (from {files[0]}); slices missing, duplicated or out of order")
-        header_step = np.linalg.norm(stack[0, :3, 2])
-        if abs(np.linalg.norm(step) - header_step) > SPACING_TOLERANCE_MM:  # what dataset.voxel_spacing reads
-            log.warning("%s: the slices lie %.4g mm apart but their headers' third axis is %.4g mm; the export "
-                        "uses their positions", files[0], np.linalg.norm(step), header_step)
-    affine = np.eye(4)
-    affine[:3, 0], affine[:3, 1], affine[:3, 2], affine[:3, 3] = in_plane[0, :, 0], step, in_plane[0, :, 1], origins[0]
-    if abs(np.linalg.det(affine[:3, :3])) < 1e-6:
-        raise DataError(f"{files[0]}: the slices step along their own plane; they do not form a volume")
-    return affine
-
-
 def _nifti_bytes(data: np.ndarray, affine: np.ndarray, source: nib.Nifti1Header | None) -> bytes:
     """Gzipped NIfTI-1 with qform = sform = `affine`, the source's coordinate code and units (mm if none)."""
     image = nib.Nifti1Image(data, affine)
@@ -223,7 +188,7 @@ def _read_scan_2d(pairs: list[Pair]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     if indices != list(range(len(pairs))):
         missing = sorted(set(range(max(indices) + 1)) - set(indices))
         raise DataError(f"{pairs[0].image.parent}: scan {pairs[0].case_key} has slices {indices[0]}..{indices[-1]}"
-                        f" with slice(s) {dataset._listing(missing)} missing; a scan needs slices 0..N-1 to be stacked")
+                        f" with slice(s) {dataset.listing(missing)} missing; a scan needs slices 0..N-1 to be stacked")
     images, labels, affines = [], [], []
     for pair in pairs:
         data, img = dataset.read_image(pair.image, spatial_dims=2)
@@ -237,8 +202,8 @@ def _read_scan_2d(pairs: list[Pair]) -> tuple[np.ndarray, np.ndarray, np.ndarray
         images.append(data)
         labels.append(label)
         affines.append(img.affine)
-    affine = stack_affine(affines, [p.image for p in pairs])
-    return np.stack(images, axis=1), np.stack(labels, axis=1), affine, header
+    affine = dataset.stack_affine(affines, [p.image for p in pairs])
+    return dataset.scan_volume(np.stack(images)), dataset.scan_volume(np.stack(labels)), affine, header
 
 
 def _read_scan_3d(pair: Pair) -> tuple[np.ndarray, np.ndarray, np.ndarray, nib.Nifti1Header]:

@@ -14,10 +14,11 @@ with the same metrics and reports as evaluating a split; no checkpoint is needed
 either one mask per 2D slice file, named like its label or image file (seg_004_week_0_slice_7.nii.gz or
 case_004_week_0_slice_7.nii.gz), or one volume per scan named like its 3D label or image file or its case
 (Case_004_Week0_SEMANTIC_LFOV.nii.gz, Case_004_Week0_LFOV.nii.gz, Case_004_Week0.nii.gz; 2D: case_004_week_0.nii.gz).
-A 2D scan's volume holds its slices stacked on the LAST axis in slice order, (H, W, n_slices) with slice k =
-vol[:, :, k], and the affine of its slice 0 file. Each mask must match its label's shape and geometry
-(orientation, spacing, origin) and hold class numbers 0..5; a missing, extra, misaligned or mis-shaped mask is
-an error naming the file. 3D splits are the run's: pass its split.json with --split-file.
+A 2D scan's volume holds its slices stacked on the MIDDLE axis in slice order, (H, n_slices, W) with slice j =
+vol[:, j, :], as `dataset.py export-nnunet` writes each scan for nnU-Net, with the label slices' geometry stacked
+the same way. Each mask must match its label's shape and geometry (orientation, spacing, origin) and hold class
+numbers 0..5; a missing, extra, misaligned or mis-shaped mask is an error naming the file. 3D splits are the
+run's: pass its split.json with --split-file.
 
 Evaluating (a split or --score) writes metrics.csv, summary.json, summary.md, dice_boxplot.png,
 overlay_<class>.png and montage.png into OUT (see report.py); a split's own masks go to OUT/predictions/.

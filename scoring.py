@@ -3,21 +3,21 @@
 `evaluate_case` is the one path from a scan's prediction to `report.Evaluation` (metrics at the label files' own
 resolution and spacing), for predict.py's own predictions and for `predict.py --score`. For --score, `load_masks`
 finds the mask files of a split's scans by name (`accepted_names` is the naming rule) and checks each against its
-label file (shape, geometry, class values), listing every problem at once:
+label file(s) (shape, geometry, class values), listing every problem at once:
 
     2D, per slice   seg_004_week_0_slice_7.nii.gz or case_004_week_0_slice_7.nii.gz (the label or image name)
-    2D, per scan    case_004_week_0.nii.gz: (H, W, n_slices), slice k = vol[:, :, k], the affine of its slice 0 file
+    2D, per scan    case_004_week_0.nii.gz: (H, n_slices, W), slice j = vol[:, j, :], the slices' stacked affine
     3D, per scan    Case_004_Week0_SEMANTIC_LFOV.nii.gz, Case_004_Week0_LFOV.nii.gz or Case_004_Week0.nii.gz
                     (the label name, the image name or the case; likewise B006_Week0_SEMANTIC.nii.gz, ...)
 
-Names match case-insensitively, .nii or .nii.gz. An nnU-Net export of a 2D scan that stacks its slices this way
-(last axis, slice order, slice 0's affine) gets predictions from nnU-Net that score as they are.
+Names match case-insensitively, .nii or .nii.gz. A 2D scan's volume is `dataset.scan_volume` of its slices, with
+the affine `dataset.stack_affine` builds from its label files' affines, as `python dataset.py export-nnunet` writes
+each 2D scan: nnU-Net's predictions on that export score as they are.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,21 +130,22 @@ def expected_names(cases: cache.CaseSet, index: int) -> str:
 
 
 def case_mask_files(cases: cache.CaseSet, index: int, found: dict[MaskSlot, Path],
-                    problems: dict[str, list[str]]) -> tuple[list[tuple[Path, Path, tuple[int, ...]]], bool]:
-    """The scan's mask files as (mask, its label file, the shape it needs), and whether they make the whole scan
-    (a volume, or every slice); what is missing goes to `problems`. A 2D scan's volume is (H, W, n_slices)."""
-    pairs, gt_shape = cases.sources[index], tuple(cases.original_shapes[index])
+                    problems: dict[str, list[str]]) -> tuple[list[tuple[Path, int | None]], bool]:
+    """The scan's mask files as (mask, its slot's position: a 2D slice's place in the scan, None for a volume),
+    and whether they make the whole scan (a volume, or every slice); what is missing goes to `problems`."""
+    pairs = cases.sources[index]
     volume = found.get(MaskSlot(index, None))
-    slices = {k: found[MaskSlot(index, k)] for k in range(len(pairs)) if MaskSlot(index, k) in found}
-    files = [(path, pairs[k].label, gt_shape[1:]) for k, path in slices.items()]
+    files = [(found[MaskSlot(index, k)], k) for k in range(len(pairs)) if MaskSlot(index, k) in found]
+    slices = len(files)
     if volume is not None:
-        files.insert(0, (volume, pairs[0].label, gt_shape if cases.spatial_dims == 3 else (*gt_shape[1:], gt_shape[0])))
+        files.insert(0, (volume, None))
     if volume is not None and slices:
-        problems["a volume and slice masks for one scan"].append(f"{volume} and {len(slices)} slice file(s)")
+        problems["a volume and slice masks for one scan"].append(f"{volume} and {slices} slice file(s)")
     elif not files:
         problems["missing mask"].append(f"{cases.keys[index]}: expected {expected_names(cases, index)}")
-    elif volume is None and len(slices) < len(pairs):
-        missing = [pairs[k].label.name for k in range(len(pairs)) if k not in slices]
+    elif volume is None and slices < len(pairs):
+        have = {k for _, k in files}
+        missing = [pairs[k].label.name for k in range(len(pairs)) if k not in have]
         problems["missing mask"].append(f"{cases.keys[index]}: {len(missing)} of {len(pairs)} slices have none "
                                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
     else:
@@ -152,17 +153,36 @@ def case_mask_files(cases: cache.CaseSet, index: int, found: dict[MaskSlot, Path
     return files, False
 
 
-def read_mask(path: Path, label_path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """A mask as uint8 of `shape`, checked against the label file it is judged with; DataError naming the
-    file for an unreadable file, values that are not classes 0..5, another shape, or another geometry."""
+def mask_reference(cases: cache.CaseSet, index: int, position: int | None
+                   ) -> tuple[tuple[int, ...], nib.spatialimages.SpatialImage, str]:
+    """What a mask of scan `index` is checked against: the shape it needs, an image with the geometry it needs
+    (headers only), and how a message names that reference. `position`: a 2D slice file's place in the scan (its
+    label file), or None for the whole scan: 3D the label file; 2D the label slices as one volume (H, n_slices,
+    W), vol[:, j, :] = slice j (`dataset.scan_volume`), with their `dataset.stack_affine`. DataError naming a
+    label file when a 2D scan's label slices do not stack into one volume."""
+    pairs, gt_shape = cases.sources[index], tuple(cases.original_shapes[index])
+    if position is not None or cases.spatial_dims == 3:
+        label = pairs[position or 0].label
+        return gt_shape if position is None else gt_shape[1:], nib.load(str(label)), f"its label {label}"
+    labels = [pair.label for pair in pairs]
+    affine = dataset.stack_affine([nib.load(str(path)).affine for path in labels], labels)
+    shape = tuple(gt_shape[axis] for axis in dataset.SCAN_VOLUME_AXES)
+    what = (f"the volume of the {len(labels)} label slices of {cases.keys[index]} in {labels[0].parent} (a 2D "
+            f"scan's volume is (H, n_slices, W), vol[:, j, :] = slice j)")
+    return shape, nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), affine), what  # geometry only: no voxels read
+
+
+def read_mask(path: Path, shape: tuple[int, ...], reference: nib.spatialimages.SpatialImage, what: str
+              ) -> np.ndarray:
+    """A mask as uint8 of `shape`, checked against `reference` (`mask_reference`, named by `what`); DataError
+    naming the file for an unreadable file, values that are not classes 0..5, another shape, or another
+    geometry."""
     mask = dataset.read_label(path, len(shape))
     if mask.shape != shape:
-        raise dataset.DataError(f"{path}: shape {mask.shape}, but its label {label_path} needs {shape}")
-    mismatch = dataset.geometry_mismatch(nib.load(str(label_path)), nib.load(str(path)))
+        raise dataset.DataError(f"{path}: shape {mask.shape}, but {what} needs {shape}")
+    mismatch = dataset.geometry_mismatch(reference, nib.load(str(path)), names=("label", "mask"))
     if mismatch:
-        # geometry_mismatch words it as "label ..., image ..."; here the mask plays the label, the label the image.
-        mismatch = re.sub(r"\b(label|image)\b", lambda m: "mask" if m.group() == "label" else "label", mismatch)
-        raise dataset.DataError(f"{path}: does not overlay its label {label_path}: {mismatch}")
+        raise dataset.DataError(f"{path}: does not overlay {what}: {mismatch}")
     return mask
 
 
@@ -172,16 +192,21 @@ def read_case_mask(cases: cache.CaseSet, index: int, found: dict[MaskSlot, Path]
     was found. Every mask file of the scan is checked, even when the scan is incomplete."""
     files, complete = case_mask_files(cases, index, found, problems)
     masks = []
-    for path, label_path, shape in files:
+    for path, position in files:
         try:
-            masks.append(read_mask(path, label_path, shape))
+            reference = mask_reference(cases, index, position)
+        except dataset.DataError as exc:
+            problems["labels that do not stack into a volume"].append(str(exc))
+            continue
+        try:
+            masks.append(read_mask(path, *reference))
         except dataset.DataError as exc:
             problems["bad mask"].append(str(exc))
     if not complete or len(masks) < len(files):
         return None
     if cases.spatial_dims == 3:
         return masks[0]
-    return np.moveaxis(masks[0], -1, 0) if masks[0].ndim == 3 else np.stack(masks)  # a 2D scan's volume, or slices
+    return dataset.scan_slices(masks[0]) if files[0][1] is None else np.stack(masks)  # a 2D scan's volume, or slices
 
 
 def load_masks(pred_dir: Path, cases: cache.CaseSet) -> list[np.ndarray]:

@@ -266,20 +266,20 @@ def test_stack_affine_refuses_slices_that_are_not_one_volume():
         a[:3, 3] += j * base[:3, 1]
         slices.append(a)
     files = [f"slice_{j}.nii.gz" for j in range(4)]
-    stacked = nnunet_export.stack_affine(slices, files)
+    stacked = dataset.stack_affine(slices, files)
     np.testing.assert_allclose(stacked, base)
     uneven = [a.copy() for a in slices]
     uneven[2][:3, 3] += 0.5 * base[:3, 1]
     with pytest.raises(dataset.DataError, match="slice_2.nii.gz: its origin lies"):
-        nnunet_export.stack_affine(uneven, files)
+        dataset.stack_affine(uneven, files)
     tilted = [a.copy() for a in slices]
     tilted[3][:3, 0] *= 1.1
     with pytest.raises(dataset.DataError, match="slice_3.nii.gz: in-plane axes differ"):
-        nnunet_export.stack_affine(tilted, files)
+        dataset.stack_affine(tilted, files)
 
 
 def test_stack_affine_without_through_plane_positions_uses_the_headers_third_axis(caplog):
     same_origin = [volume_affine()[:, [0, 2, 1, 3]] for _ in range(3)]
-    stacked = nnunet_export.stack_affine(same_origin, ["a", "b", "c"])
+    stacked = dataset.stack_affine(same_origin, ["a", "b", "c"])
     np.testing.assert_allclose(stacked[:3, 1], same_origin[0][:3, 2])
     assert "share one origin" in caplog.text

@@ -1,7 +1,9 @@
 """predict.py --score: masks made by anything, judged with the metrics and reports of evaluating a split."""
 
+import csv
 import gzip
 import json
+import math
 import shutil
 
 import nibabel as nib
@@ -10,6 +12,7 @@ import pytest
 import test_predict
 import torch
 
+import dataset
 import predict
 import train
 
@@ -70,10 +73,12 @@ def label_masks(data_dir, split, folder):
 
 
 def stack_scan(slice_files, path):
-    """One 2D scan's slice masks as one volume (H, W, n_slices), slice k = vol[:, :, k], slice 0's affine."""
-    first = nib.load(slice_files[0])
-    volume = np.stack([np.asarray(nib.load(f).dataobj).reshape(first.shape[:2]) for f in slice_files], axis=-1)
-    nib.save(nib.Nifti1Image(volume.astype(np.uint8), first.affine), path)
+    """One 2D scan's slice masks as one volume (H, n_slices, W), slice j = vol[:, j, :], the slices' stacked
+    affine: as nnunet_export writes a scan."""
+    slices = [nib.load(f) for f in slice_files]
+    stack = np.stack([np.asarray(s.dataobj).reshape(slices[0].shape[:2]) for s in slices])
+    affine = dataset.stack_affine([s.affine for s in slices], slice_files)
+    nib.save(nib.Nifti1Image(dataset.scan_volume(stack).astype(np.uint8), affine), path)
 
 
 def slice_files(folder, prefix):
@@ -102,15 +107,32 @@ def test_per_scan_volumes_for_2d_are_accepted(evaluated_2d, phantom_2d_dir, cach
     assert (tmp_path / "scored" / "summary.json").read_text() == (out / "summary.json").read_text()
 
 
-def test_a_2d_volume_in_another_axis_order_is_refused(phantom_2d_dir, cache_dir, tmp_path, capsys):
+@pytest.mark.parametrize("axis", [0, -1], ids=["slices first", "slices last (H, W, n)"])
+def test_a_2d_volume_in_another_axis_order_is_refused(phantom_2d_dir, cache_dir, tmp_path, capsys, axis):
     files = slice_files(phantom_2d_dir / "keras_slices_seg_validate", "seg_005_week_0")
-    volume = np.stack([np.asarray(nib.load(f).dataobj) for f in files])  # (60, 256, 144): slices first
+    volume = np.stack([np.asarray(nib.load(f).dataobj) for f in files], axis=axis)  # not (256, 60, 144)
     volumes = tmp_path / "volumes"
     volumes.mkdir()
     nib.save(nib.Nifti1Image(volume.astype(np.uint8), nib.load(files[0]).affine), volumes / "case_005_week_0.nii.gz")
     assert score(volumes, phantom_2d_dir, tmp_path / "scored", cache_dir, "--split", "validate") == 2
     err = capsys.readouterr().err
-    assert "case_005_week_0.nii.gz: shape (60, 256, 144)" in err and "(256, 144, 60)" in err
+    assert f"case_005_week_0.nii.gz: shape {volume.shape}, but" in err and "needs (256, 60, 144)" in err
+    assert "(H, n_slices, W), vol[:, j, :] = slice j" in err
+
+
+def test_nnunet_predictions_on_the_export_score_as_they_are(phantom_2d_dir, cache_dir, tmp_path):
+    """The export's test labels stand in for nnU-Net's predictions: volumes in the export's geometry, as nnU-Net
+    writes them. Scored against the slice files, every class present has Dice 1, every absent one NaN."""
+    assert dataset.main(["export-nnunet", str(phantom_2d_dir), str(tmp_path / "raw"), "--dataset-id", "9"]) == 0
+    pred_dir = tmp_path / "nnunet_pred"
+    shutil.copytree(tmp_path / "raw" / "Dataset009_HipMRI2D" / "labelsTs", pred_dir)
+    assert [p.name for p in pred_dir.iterdir()] == ["case_006_week_0.nii.gz"]
+    assert score(pred_dir, phantom_2d_dir, tmp_path / "scored", cache_dir, "--split", "test") == 0
+    rows = list(csv.DictReader((tmp_path / "scored" / "metrics.csv").open()))
+    assert len(rows) == 6 and sum(float(r["gt_ml"]) > 0 for r in rows) >= 5
+    for row in rows:
+        dice = float(row["dice"])
+        assert dice == 1.0 if float(row["gt_ml"]) > 0 else math.isnan(dice), row
 
 
 def test_masks_named_like_the_images_and_a_perfect_rater(phantom_2d_dir, cache_dir, tmp_path):
@@ -247,5 +269,5 @@ def test_help_names_the_three_modes(capsys):
     with pytest.raises(SystemExit):
         predict.main(["--help"])
     text = capsys.readouterr().out
-    for mode in ("evaluate a split", "unlabelled images", "score masks", "(H, W, n_slices)", "--split-file"):
+    for mode in ("evaluate a split", "unlabelled images", "score masks", "(H, n_slices, W)", "--split-file"):
         assert mode in text
