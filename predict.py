@@ -29,7 +29,9 @@ import cache
 import dataset
 import inference
 import report
+import review
 import utils
+import weekly
 from modules import UNet
 
 log = logging.getLogger("hipmri.predict")
@@ -58,6 +60,9 @@ def get_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4, help="slices (2D) or windows (3D) per forward pass")
     parser.add_argument("--save-probs", action="store_true",
                         help="also write softmax probabilities (float32 NIfTI, classes on the last axis)")
+    parser.add_argument("--save-uncertainty", action="store_true",
+                        help="also write the per-voxel entropy of the softmax / log(classes), 0..1 (float32 NIfTI, "
+                             "<mask name>_entropy.nii.gz)")
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: the best available)")
     parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                         help="CPU (glibc): reuse freed memory instead of faulting it in again (default: on)")
@@ -172,6 +177,15 @@ def write_case_masks(case_labels: np.ndarray, probs: torch.Tensor | None, pairs:
     return written
 
 
+def write_uncertainty(entropy: np.ndarray, pairs: list[dataset.Pair], spatial_dims: int, out: Path) -> None:
+    """--save-uncertainty: review.entropy_map of a case as float32 NIfTI per input file, <mask name>_entropy."""
+    maps = entropy if spatial_dims == 2 else entropy[None]
+    for index, pair in enumerate(pairs):
+        reference = nib.load(str(pair.image))
+        name = (pair.label or pair.image).name.replace(".nii", "_entropy.nii")
+        write_nifti(out / name, np.ascontiguousarray(maps[index].reshape(reference.shape), np.float32), reference)
+
+
 # ---------------------------------------------------------------- labelled split: predict and evaluate
 
 
@@ -190,6 +204,8 @@ def evaluate_split(predictor: Predictor, args: argparse.Namespace, out: Path) ->
                          f"{cases.spatial_dims}D layout")
     rows, pictures = [], report.PictureCases(slice_axis=0 if predictor.spatial_dims == 2 else 1)
     masks_dir = out / "predictions"
+    reviewer = review.Review(predictor.spatial_dims, weekly.usual_variation(  # weekly report, review list
+        Path(args.checkpoint), args.data_dir, predictor.data_config, args.cache_dir, split_file))
     for index in tqdm(range(len(cases)), desc=f"predict {args.split}", unit="case", disable=None):
         probs = predictor.probabilities(cases.images[index], cases.original_shapes[index])
         pred = predictor.segment(probs)
@@ -200,7 +216,11 @@ def evaluate_split(predictor: Predictor, args: argparse.Namespace, out: Path) ->
         pictures.add(cases.keys[index], display_image(cases, index), gt, pred, spacing)
         write_case_masks(pred, probs if args.save_probs else None, cases.sources[index], predictor.spatial_dims,
                          masks_dir)
+        reviewer.add(cases.sources[index][0], pred, probs, spacing)  # review.py
+        if args.save_uncertainty:
+            write_uncertainty(review.entropy_map(probs), cases.sources[index], predictor.spatial_dims, masks_dir)
     summary = report.write_reports(rows, pictures, out, title=f"{args.split} split of {args.data_dir}")
+    reviewer.write(out, rows)  # weekly.csv, weekly.png, review.csv, summary.md sections
     log.info("wrote %d masks to %s", sum(len(s) for s in cases.sources), masks_dir)
     return summary
 
@@ -240,7 +260,8 @@ def list_inputs(input_path: Path, out: Path) -> list[Path]:
     return files
 
 
-def segment_files(predictor: Predictor, files: list[Path], out: Path, save_probs: bool) -> None:
+def segment_files(predictor: Predictor, files: list[Path], out: Path, save_probs: bool, reviewer: review.Review,
+                  save_uncertainty: bool = False) -> None:
     """Masks (same file names, input geometry) for images without labels."""
     for path in tqdm(files, desc="segment", unit="file", disable=None):
         image, reference = dataset.read_image(path)
@@ -253,7 +274,11 @@ def segment_files(predictor: Predictor, files: list[Path], out: Path, save_probs
         stack = dataset.preprocess_image(stack, predictor.spatial_dims, predictor.data_config)
         probs = predictor.probabilities(stack, original_shape)
         pair = dataset.Pair(key=path.name, case_id="", week=0, slice_index=None, image=path, label=None)
-        write_case_masks(predictor.segment(probs), probs if save_probs else None, [pair], predictor.spatial_dims, out)
+        pred = predictor.segment(probs)
+        write_case_masks(pred, probs if save_probs else None, [pair], predictor.spatial_dims, out)
+        reviewer.add_file(path, pred, probs, reference)  # review.py: grouped into scans and patients by name
+        if save_uncertainty:
+            write_uncertainty(review.entropy_map(probs), [pair], predictor.spatial_dims, out)
     log.info("wrote %d masks to %s", len(files), out)
 
 
@@ -266,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         predictor = load_predictor(args)
         out.mkdir(parents=True, exist_ok=True)
         if files is not None:
-            segment_files(predictor, files, out, args.save_probs)
+            reviewer = review.Review(predictor.spatial_dims, weekly.usual_variation(Path(args.checkpoint)))
+            segment_files(predictor, files, out, args.save_probs, reviewer, args.save_uncertainty)
+            reviewer.write(out)  # weekly.csv, weekly.png, review.csv, summary.md (scans named as in layouts.NAMINGS)
         else:
             summary = evaluate_split(predictor, args, out)
             print(report.markdown_table(summary))
