@@ -17,9 +17,10 @@ Signals per scan and organ (bladder, rectum, prostate), all from the prediction 
 - confidence: one minus the Dice the model's own probabilities expect, the soft Dice of the organ's probability
   and its argmax mask. With --tta the probabilities are the mean over mirrored copies, so their disagreement
   lowers it too. `entropy_map` is the per-voxel normalised entropy (predict.py --save-uncertainty writes it).
-An organ's score sums the signals, each divided by its flag level; a scan's score sums its organs' scores.
-README "Weekly scans and the review list" has what was measured on a labelled phantom split, and the signals
-dropped for not helping.
+An organ's score is its expected-Dice gap plus the gross-error checks past their flag levels (`organ_reasons`); a
+scan's score is its largest organ score. README "Weekly scans and the review list" has what was measured on a
+labelled phantom split, and the signals dropped for not helping (position relative to the bone, entropy near
+the organ).
 """
 
 from __future__ import annotations
@@ -111,23 +112,21 @@ def scan_signals(scan: ScanRef, pred: np.ndarray, inside: np.ndarray, prob_sum: 
 
 
 def organ_reasons(signals: ScanSignals, organ: str, usual: UsualVariation | None) -> tuple[float, list[str]]:
-    """(score, reasons) of one organ of one scan: the score sums each signal's severity (1.0 at its flag level);
-    the reasons name the signals past their flag level."""
-    severities: list[tuple[float, str]] = []
+    """(score, reasons) of one organ of one scan. The score is (1 - expected Dice) / UNCERTAIN_FLAG, plus each
+    gross-error check past its flag level (volume |z| / Z_FLAG, share in pieces / FRAGMENT_FLAG), or
+    MISSING_SEVERITY for a missing organ. Checks below their flag level add nothing: on the phantom, counting
+    their usual-sized values made the ranking worse (README). The reasons name the terms of 1 or more."""
     volume = signals.pred_ml[organ]
     if volume <= (MISSING_SHARE * usual.min_ml[organ] if usual is not None else 0.0):
         return MISSING_SEVERITY, [f"{organ} missing ({volume:.1f} ml predicted)"]
-    z = signals.volume_z.get(organ, float("nan"))
-    if not math.isnan(z):
-        severities.append((abs(z) / Z_FLAG, f"{organ} volume {volume:.1f} ml is {z:+.1f} robust SD from the "
-                                            f"patient's other weeks"))
-    share = signals.outside_largest[organ]
-    severities.append((share / FRAGMENT_FLAG, f"{organ} in pieces ({share:.0%} outside the largest)"))
+    z, share = signals.volume_z.get(organ, float("nan")), signals.outside_largest[organ]
     gap = 1.0 - signals.expected_dice[organ]
+    terms = [(abs(z) / Z_FLAG, f"{organ} volume {volume:.1f} ml, {z:+.1f} robust SD from the patient's other weeks"),
+             (share / FRAGMENT_FLAG, f"{organ} in pieces ({share:.0%} outside the largest)")]
+    terms = [(severity, text) for severity, text in terms if severity >= 1.0]  # NaN (no other week) is not >= 1
     if not math.isnan(gap):
-        severities.append((gap / UNCERTAIN_FLAG, f"{organ} uncertain (expected Dice {1 - gap:.2f})"))
-    score = sum(s for s, _ in severities)
-    return score, [reason for s, reason in severities if s >= 1.0]
+        terms.append((gap / UNCERTAIN_FLAG, f"{organ} uncertain (expected Dice {1 - gap:.2f})"))
+    return sum(severity for severity, _ in terms), [text for severity, text in terms if severity >= 1.0]
 
 
 # ---------------------------------------------------------------- the review of a prediction run
@@ -283,11 +282,12 @@ def usefulness(ranked: list[dict], series: list[dict]) -> dict:
 def review_markdown(ranked: list[dict], series: list[dict] | None, usual: UsualVariation | None) -> str:
     """summary.md section: how the score is made, the head of the list, and on a labelled split its usefulness."""
     lines = ["## Review list", "",
-             f"Scans ranked by a score computed without labels (review.csv has every scan and signal). Per organ it "
-             f"sums |volume z| / {Z_FLAG:g} (the change from the patient's other weeks against the training labels' "
-             f"usual change), the share outside the largest component / {FRAGMENT_FLAG:g}, (1 - expected Dice) / "
-             f"{UNCERTAIN_FLAG:g}, and {MISSING_SEVERITY:g} for a missing organ; a scan's score is its largest "
-             f"organ score. Reasons name the terms of 1 or more.", ""]
+             f"Scans ranked by a score computed without labels (review.csv has every scan and signal). Per organ: "
+             f"(1 - expected Dice) / {UNCERTAIN_FLAG:g}, plus two gross-error checks once past their flag level: "
+             f"|volume z| / {Z_FLAG:g} (the volume against the patient's other weeks, in robust SD of the training "
+             f"labels' week-to-week change) and the share outside the largest component / {FRAGMENT_FLAG:g}; "
+             f"{MISSING_SEVERITY:g} for a missing organ. A scan's score is its largest organ score; reasons name "
+             f"the terms of 1 or more.", ""]
     if usual is None:
         lines += [f"Consistency over weeks is off here: no {weekly.USUAL_FILE} (see the log).", ""]
     lines += ["| rank | scan | score | reasons |", "|---|---|---|---|"]

@@ -39,6 +39,7 @@ USUAL_FILE = "weekly_usual.json"  # what the training labels say is usual: in th
 MIN_CHANGE_SCALE = 0.01  # floor of the log-volume-ratio scale: 1 %, below what a contour can be repeated to
 WEEKLY_FIELDS = ["patient", "week", "scan", "organ", "pred_ml", "true_ml", "dice", "hd95_mm", "pred_change_ml",
                  "pred_change_pct", "true_change_ml", "true_change_pct"]
+MAX_LINES = 5  # weekly.png: up to this many patients share one panel per organ; more get one panel each
 MAX_PANELS = 40  # weekly.png shows at most this many patients (the rest are in weekly.csv)
 
 
@@ -275,14 +276,14 @@ def _series(rows: list[dict], patient: str, organ: str, column: str) -> tuple[li
 
 
 def plot_weekly(rows: list[dict], review_order: list[str], path: Path) -> None:
-    """Organ volumes over the weeks, predicted solid and true dashed. Up to 10 patients: one panel per organ,
+    """Organ volumes over the weeks, predicted solid and true dashed. Up to MAX_LINES patients: one panel per organ,
     one colour per patient. More: one small panel per patient (organs in their class colours, log scale so the
     bladder's swings and the prostate's constancy both show), at most MAX_PANELS patients, those whose scans
     rank highest on the review list; the rest are in weekly.csv."""
     plt = _pyplot()
     patients = list(dict.fromkeys(r["patient"] for r in rows))
     labelled = any(not math.isnan(r["true_ml"]) for r in rows)
-    if len(patients) <= 10:
+    if len(patients) <= MAX_LINES:
         fig = _organ_panels(plt, rows, patients, labelled)
     else:
         rank = {key: i for i, key in enumerate(review_order)}
@@ -315,7 +316,7 @@ def _organ_panels(plt, rows: list[dict], patients: list[str], labelled: bool):
 def _patient_panels(plt, rows: list[dict], patients: list[str], labelled: bool, hidden: int):
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    columns = 8
+    columns = min(8, math.ceil(math.sqrt(2 * len(patients))))  # about twice as wide as tall
     n_rows = math.ceil(len(patients) / columns)
     fig, axes = plt.subplots(n_rows, columns, figsize=(2.1 * columns, 1.7 * n_rows + 0.8), sharex=True, sharey=True,
                              squeeze=False, constrained_layout=True)

@@ -211,7 +211,7 @@ def test_a_volume_off_the_patients_other_weeks_ranks_first():
     rows = reviewer.finish()
     assert rows[0]["scan"] == "Case_004_Week3"
     assert rows[0]["prostate_volume_z"] == pytest.approx(np.log(22.3 / 30.3) / 0.03, rel=1e-3)
-    assert "prostate volume 22.0 ml is -10.2 robust SD" in rows[0]["reasons"]
+    assert "prostate volume 22.0 ml, -10.2 robust SD from the patient's other weeks" in rows[0]["reasons"]
     assert rows[1]["score"] < 1 and rows[1]["reasons"] == ""
 
 
