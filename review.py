@@ -301,8 +301,8 @@ def review_markdown(ranked: list[dict], series: list[dict] | None, usual: UsualV
             lines.append(f"| {organ} | " + " | ".join(f"{rho[c]:.2f}" for c in ("score", "volume_z",
                                                                                 "outside_largest", "expected_dice"))
                          + " |")
-        lines += ["", f"Of the worst {found['n_worst']} of {found['n_scans']} scans by mean organ Dice (10%), "
-                      f"{found['worst_in_top']} are in the top {found['n_top']} of the list (20%)."]
+        lines += ["", f"Of the worst {found['n_worst']} of {found['n_scans']} scans by mean organ Dice (10%), the top "
+                      f"{found['n_top']} of the list (20%) hold {found['worst_in_top']}."]
     return "\n".join(lines).replace("nan", "n/a") + "\n\n"
 
 
