@@ -46,8 +46,10 @@ import dataset
 import inference
 import layouts
 import report
+import review
 import scoring
 import utils
+import weekly
 from modules import UNet
 
 log = logging.getLogger("hipmri.predict")
@@ -103,6 +105,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
         group.add_argument("--batch-size", type=int, default=4, help="slices (2D) or windows (3D) per forward pass"),
         group.add_argument("--save-probs", action="store_true",
                            help="also write softmax probabilities (float32 NIfTI, classes on the last axis)"),
+        group.add_argument("--save-uncertainty", action="store_true",
+                           help="also write the per-voxel entropy of the softmax / log(classes), 0..1 (float32 NIfTI, "
+                                "<mask name>_entropy.nii.gz)"),
         group.add_argument("--device", help="cpu | cuda | cuda:N (default: the best available)"),
         group.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                            help="CPU (glibc): reuse freed memory instead of faulting it in again (default: on)"),
@@ -231,6 +236,15 @@ def write_case_masks(case_labels: np.ndarray, probs: torch.Tensor | None, pairs:
     return written
 
 
+def write_uncertainty(entropy: np.ndarray, pairs: list[dataset.Pair], spatial_dims: int, out: Path) -> None:
+    """--save-uncertainty: review.entropy_map of a case as float32 NIfTI per input file, <mask name>_entropy."""
+    maps = entropy if spatial_dims == 2 else entropy[None]
+    for index, pair in enumerate(pairs):
+        reference = nib.load(str(pair.image))
+        name = (pair.label or pair.image).name.replace(".nii", "_entropy.nii")
+        write_nifti(out / name, np.ascontiguousarray(maps[index].reshape(reference.shape), np.float32), reference)
+
+
 # ---------------------------------------------------------------- labelled split: predict and evaluate
 
 
@@ -263,13 +277,19 @@ def evaluate_split(predictor: Predictor, args: argparse.Namespace, out: Path) ->
                          f"{cases.spatial_dims}D layout")
     evaluation = report.Evaluation(scoring.slice_axis(predictor.spatial_dims))
     masks_dir = out / PREDICTIONS_DIR
+    reviewer = review.Review(predictor.spatial_dims, weekly.usual_variation(  # weekly report, review list
+        Path(args.checkpoint), args.data_dir, predictor.data_config, args.cache_dir, split_file))
     for index in tqdm(range(len(cases)), desc=f"predict {args.split}", unit="case", disable=None):
         probs = predictor.probabilities(cases.images[index], cases.original_shapes[index])
         pred = predictor.segment(probs)
-        scoring.evaluate_case(evaluation, cases, index, pred)
+        spacing = scoring.evaluate_case(evaluation, cases, index, pred)
         write_case_masks(pred, probs if args.save_probs else None, cases.sources[index], predictor.spatial_dims,
                          masks_dir)
+        reviewer.add(cases.sources[index][0], pred, probs, spacing)
+        if args.save_uncertainty:
+            write_uncertainty(review.entropy_map(probs), cases.sources[index], predictor.spatial_dims, masks_dir)
     summary = evaluation.write(out, title=f"{args.split} split of {args.data_dir}")
+    reviewer.write(out, evaluation.rows)  # weekly.csv, weekly.png, review.csv, summary.md sections
     log.info("wrote %d masks to %s", sum(len(s) for s in cases.sources), masks_dir)
     return summary
 
@@ -297,9 +317,10 @@ def list_inputs(input_path: Path, out: Path) -> list[Path]:
     return files
 
 
-def segment_file(predictor: Predictor, path: Path, out: Path, save_probs: bool) -> None:
+def segment_file(predictor: Predictor, path: Path, out: Path, save_probs: bool, reviewer: review.Review,
+                 save_uncertainty: bool = False) -> None:
     """The mask of one image without a label (same file name, input geometry); DataError if it cannot be read."""
-    image, _ = dataset.read_image(path)
+    image, reference = dataset.read_image(path)
     if image.ndim != predictor.spatial_dims:
         raise dataset.DataError(f"{path}: a {image.ndim}D image (shape {image.shape}) but the checkpoint holds a "
                                 f"{predictor.spatial_dims}D model; use a {image.ndim}D checkpoint")
@@ -309,16 +330,21 @@ def segment_file(predictor: Predictor, path: Path, out: Path, save_probs: bool) 
     stack = dataset.preprocess_image(stack, predictor.spatial_dims, predictor.data_config)
     probs = predictor.probabilities(stack, original_shape)
     pair = dataset.Pair(key=path.name, case_id="", week=0, slice_index=None, image=path, label=None)
-    write_case_masks(predictor.segment(probs), probs if save_probs else None, [pair], predictor.spatial_dims, out)
+    pred = predictor.segment(probs)
+    write_case_masks(pred, probs if save_probs else None, [pair], predictor.spatial_dims, out)
+    reviewer.add_file(path, pred, probs, reference)  # review.py: grouped into scans and patients by name
+    if save_uncertainty:
+        write_uncertainty(review.entropy_map(probs), [pair], predictor.spatial_dims, out)
 
 
-def segment_files(predictor: Predictor, files: list[Path], out: Path, save_probs: bool) -> list[str]:
+def segment_files(predictor: Predictor, files: list[Path], out: Path, save_probs: bool, reviewer: review.Review,
+                  save_uncertainty: bool = False) -> list[str]:
     """Masks for every file that can be segmented; returns one message per file that could not (naming it).
     A file that fails leaves no mask: masks are written atomically, after the prediction."""
     failures = []
     for path in tqdm(files, desc="segment", unit="file", disable=None):
         try:
-            segment_file(predictor, path, out, save_probs)
+            segment_file(predictor, path, out, save_probs, reviewer, save_uncertainty)
         except dataset.DataError as exc:
             failures.append(str(exc))
         except (OSError, ValueError, RuntimeError) as exc:  # e.g. out of memory for one huge volume, a full disk
@@ -365,7 +391,9 @@ def predict(args: argparse.Namespace, out: Path) -> int:
     if files is None:
         print(report.markdown_table(evaluate_split(predictor, args, out)))
         return 0
-    failures = segment_files(predictor, files, out, args.save_probs)
+    reviewer = review.Review(predictor.spatial_dims, weekly.usual_variation(Path(args.checkpoint)))
+    failures = segment_files(predictor, files, out, args.save_probs, reviewer, args.save_uncertainty)
+    reviewer.write(out)  # weekly.csv, weekly.png, review.csv, summary.md (scans named as in layouts.NAMINGS)
     print(f"segmented {len(files) - len(failures)} of {len(files)} file(s) into {out}; {len(failures)} failed")
     if failures:
         print(f"error: no mask for {len(failures)} file(s):\n" + "\n".join(f"  {text}" for text in failures),

@@ -45,9 +45,11 @@ def probs_name(name: str) -> str:
 # ---------------------------------------------------------------- one path to the reports
 
 
-def evaluate_case(evaluation: report.Evaluation, cases: cache.CaseSet, index: int, pred: np.ndarray) -> None:
+def evaluate_case(evaluation: report.Evaluation, cases: cache.CaseSet, index: int, pred: np.ndarray
+                  ) -> tuple[float, ...]:
     """Add one scan's prediction (uint8, the shape of its label files stacked: 2D (n_slices, H, W), 3D (X, Y, Z))
-    to `evaluation`, at the label files' own resolution and spacing. Every evaluation goes through here."""
+    to `evaluation`, at the label files' own resolution and spacing (returned: mm per axis of `pred`). Every
+    evaluation goes through here."""
     gt = original_labels(cases, index)
     if pred.shape != gt.shape:
         raise ValueError(f"{cases.keys[index]}: prediction shape {pred.shape} differs from the label's {gt.shape}")
@@ -57,6 +59,7 @@ def evaluate_case(evaluation: report.Evaluation, cases: cache.CaseSet, index: in
     spacing = tuple(round(s * n / n0, 6) for s, n, n0 in zip(cases.spacings[index], cases.images[index].shape,
                                                              gt.shape))
     evaluation.add(cases.keys[index], pred, gt, spacing, display_image(cases, index))
+    return spacing
 
 
 def original_labels(cases: cache.CaseSet, index: int) -> np.ndarray:

@@ -32,6 +32,7 @@ import inference
 import losses
 import sampling
 import utils
+import weekly
 from augment import AugmentConfig
 from config import (
     INVOCATION_ONLY,
@@ -368,6 +369,7 @@ def build_run(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
     if ranks.is_main:
         barrier(ranks, slow=True)
         warn_if_no_test_split(cfg, split_file)
+        weekly.save_usual_variation(train_cases, run_dir)  # the review list's week-to-week thresholds
     augment = AugmentConfig() if cfg.augment else None
     source = sampling.DeviceBatchSource(
         train_cases, patch_size=cfg.patch_size if cfg.dims == 3 else None, batch_size=cfg.batch_size, device=device,
