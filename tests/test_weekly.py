@@ -169,7 +169,8 @@ def test_volume_trajectory_equals_label_volumes_by_hand(weekly_3d_dir, tmp_path)
     for row in rows:
         assert float(row["pred_ml"]) == pytest.approx(by_hand[row["scan"]][row["organ"]], rel=1e-5, abs=1e-5)
         first = by_hand[f"Case_{row['patient']}_Week0"][row["organ"]]
-        assert float(row["pred_change_ml"]) == pytest.approx(by_hand[row["scan"]][row["organ"]] - first, rel=1e-5, abs=1e-5)
+        change = by_hand[row["scan"]][row["organ"]] - first
+        assert float(row["pred_change_ml"]) == pytest.approx(change, rel=1e-5, abs=1e-5)
     assert (tmp_path / "weekly.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Weekly volumes" in (tmp_path / "summary.md").read_text()
 
