@@ -17,7 +17,7 @@ import math
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -277,6 +277,8 @@ class Run:
     started: float | None = None  # perf_counter when this invocation's training started; None before
     session_base: float = 0.0  # training seconds saved before this invocation
     clock: float = 0.0  # training seconds as last agreed by all ranks: what a time-budget schedule follows
+    invoked: float = field(default_factory=time.perf_counter)  # this invocation's start: --session-minutes
+    unit_scale: torch.Tensor | None = None  # 1.0 on the device: the loss scale of fp32/bf16 after every step
 
     @property
     def progress(self) -> float:
@@ -315,9 +317,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
 
 def make_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> torch.amp.GradScaler:
-    """fp16: torch's dynamic loss scaling. fp32 and bf16 need no scaling: a scale of 1 that never grows (halved,
-    exactly, only after a skipped step). The scaler is what skips a step whose gradients are not finite: with
-    the fused AdamW it hands the check to the optimiser on the device, with no host-device sync per step."""
+    """fp16: torch's dynamic loss scaling. fp32 and bf16 need no scaling: a scale of 1 (optimiser_step sets it
+    back to 1 after a skipped step, which halved it). The scaler is what skips a step whose gradients are not
+    finite: with the fused AdamW it hands the check to the optimiser on the device, with no host-device sync."""
     if amp_dtype == torch.float16:
         return torch.amp.GradScaler(device.type)
     return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**31 - 1)
@@ -327,7 +329,7 @@ def load_scaler_state(run: Run, ckpt: dict) -> None:
     """Restore the loss scale when the saved run scaled the same way (fp16, or fp32/bf16); a run saved with bf16
     and resumed on an fp16-only GPU (or the reverse) starts a fresh scaler. Checkpoints from before `amp_dtype`
     was saved held a scaler state only for fp16."""
-    saved_dtype = ckpt.get("amp_dtype", "float16" if ckpt.get("scaler") else "none")
+    saved_dtype = ckpt.get("amp_dtype", "float16" if ckpt.get("scaler") else "bfloat16 or none")
     same_kind = (saved_dtype == "float16") == (run.amp_dtype == torch.float16)
     if ckpt.get("scaler") and same_kind:
         run.scaler.load_state_dict(ckpt["scaler"])
@@ -353,14 +355,14 @@ def set_algorithms(cfg: TrainConfig, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def build_run(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
+def build_run(cfg: TrainConfig, ranks: Ranks, device: torch.device, invoked: float) -> Run:
     run_dir = Path(cfg.out)
     utils.seed_everything(cfg.seed)
     data_cfg = dataset.DataConfig()
     split_file = run_dir / "split.json" if cfg.dims == 3 else None
     if not ranks.is_main:
         barrier(ranks, slow=True)  # rank 0 builds the cache (and split.json) first; the others then read it
-    elif cfg.init_from and split_file is not None and not split_file.exists():
+    elif cfg.init_from and not cfg.resume and split_file is not None and not split_file.exists():
         inherit_split(Path(cfg.init_from).parent / "split.json", split_file)
     train_cases = cache.load_split(cfg.data_dir, "train", data_cfg, cache_dir=cfg.cache_dir, split_file=split_file,
                                    seed=cfg.seed, workers=cfg.workers, spatial_dims=cfg.dims)
@@ -376,7 +378,7 @@ def build_run(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
         seed=cfg.seed, foreground_fraction=cfg.foreground_fraction, steps_per_epoch=cfg.steps_per_epoch,
         rank=ranks.rank, world_size=ranks.world_size, augment=augment, model_width=cfg.features[0])
     model = UNet(**model_args(cfg))
-    if cfg.init_from:
+    if cfg.init_from and not cfg.resume:  # a resumed run's weights come from its own last.pt
         model.load_state_dict(utils.load_checkpoint(cfg.init_from)["model"])
         log.info("initialised the weights from %s; the optimiser and schedule start anew", cfg.init_from)
     model = model.to(device)
@@ -399,7 +401,8 @@ def build_run(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Run:
     counters = {"epoch": 0, "step": 0, "skipped_steps": 0, "bad_steps": 0, "best_dice": -1.0, "best_epoch": 0,
                 "history": [], "train_seconds": 0.0}
     return Run(cfg, ranks, device, amp_dtype, model, net, optimizer, make_scaler(device, amp_dtype),
-               loss_fn.to(device), source, val_cases, total_steps, counters, data_fingerprint(train_cases, val_cases))
+               loss_fn.to(device), source, val_cases, total_steps, counters, data_fingerprint(train_cases, val_cases),
+               invoked=invoked, unit_scale=torch.ones((), device=device))
 
 
 def inherit_split(source: Path, split_file: Path) -> None:
@@ -428,6 +431,8 @@ def lock_run(out: Path):
         handle.seek(0)
         raise SystemExit(f"{out} is being trained by another process ({handle.read().strip() or 'pid unknown'}); "
                          f"wait for it to end, or choose another --out") from None
+    except OSError as exc:  # file systems without flock (Lustre without -o flock, some NFS): train unguarded
+        log.warning("%s: cannot lock the run folder (%s); make sure no other train.py uses it", out, exc)
     handle.truncate(0)
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
@@ -499,7 +504,7 @@ def optimiser_step(run: Run, loss: torch.Tensor, tally: torch.Tensor) -> None:
     run.scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.clip_grad)
     run.scaler.step(run.optimizer)
-    run.scaler.update()
+    run.scaler.update(None if run.amp_dtype == torch.float16 else run.unit_scale)  # fp32/bf16: back to 1, on device
     run.optimizer.zero_grad(set_to_none=True)
     finite = torch.isfinite(grad_norm)
     tally[0] += torch.where(finite, loss.float(), 0.0)
@@ -514,18 +519,17 @@ def optimiser_step(run: Run, loss: torch.Tensor, tally: torch.Tensor) -> None:
 def sync_point(run: Run, tally: torch.Tensor, bar: tqdm) -> str:
     """Read the tally, agree with the other ranks on the clock and the budgets, and say why to stop ("" to go on).
 
-    One all-reduce (max) of [training seconds, this invocation's seconds, non-finite steps in a row]: every rank
-    then sets the same learning rate and takes the same decision (ranks' own clocks drift apart by milliseconds,
-    and rank 0 also spends time validating).
+    One all-reduce (max) of [training seconds, non-finite steps in a row]: every rank then sets the same learning
+    rate and takes the same decision (ranks' own clocks drift apart by milliseconds, and rank 0 also spends time
+    validating).
     """
-    session = time.perf_counter() - run.started
-    # [elapsed, session, non-finite in a row | loss sum, finite steps, skipped]: the first three are agreed on
-    # (max over ranks), the rest are this rank's; one read of the device for all of them. float32: MPS has no
-    # float64, and seconds to ~1e-7 of the budget are plenty.
-    values = torch.cat([torch.tensor([run.elapsed, session], device=run.device), tally[2:3], tally[:2], tally[3:]])
+    # [elapsed, non-finite in a row | loss sum, finite steps, skipped]: the first two are agreed on (max over ranks),
+    # the rest are this rank's; one read of the device for all of them. float32: MPS has no float64, and seconds
+    # to ~1e-7 of the budget are plenty.
+    values = torch.cat([torch.tensor([run.elapsed], device=run.device), tally[2:3], tally[:2], tally[3:]])
     if run.ranks.world_size > 1:
-        dist.all_reduce(values[:3], op=dist.ReduceOp.MAX)
-    run.clock, session, bad_in_row, loss_sum, finite_steps, skipped = values.tolist()
+        dist.all_reduce(values[:2], op=dist.ReduceOp.MAX)
+    run.clock, bad_in_row, loss_sum, finite_steps, skipped = values.tolist()
     if skipped:
         log.warning("by step %d: non-finite loss or gradient, step skipped %d time(s) since the last check (%d in a "
                     "row)", run.counters["step"], skipped, bad_in_row)
@@ -534,19 +538,30 @@ def sync_point(run: Run, tally: torch.Tensor, bar: tqdm) -> str:
     run.counters["skipped_steps"] += int(skipped)
     run.set_lr()
     bar.set_postfix(loss=f"{loss_sum / max(finite_steps, 1):.4f}")
-    return stop_reason(run, session)
+    return stop_reason(run)
 
 
-def stop_reason(run: Run, session_seconds: float) -> str:
+def stop_reason(run: Run) -> str:
     cfg = run.cfg
     if run.counters["bad_steps"] >= cfg.max_bad_steps:
         return (f"{run.counters['bad_steps']} non-finite steps in a row: stopping with the last good checkpoint. "
                 f"Try a lower --lr, --no-amp, or check the data with `python dataset.py check`")
     if cfg.max_minutes is not None and run.clock >= cfg.max_minutes * 60:
         return f"time budget of {cfg.max_minutes} minutes spent"
-    if cfg.session_minutes is not None and session_seconds >= cfg.session_minutes * 60:
-        return f"this session's {cfg.session_minutes} minutes are spent; continue the run with --resume"
     return ""
+
+
+def session_spent(run: Run, epoch_seconds: float) -> bool:
+    """--session-minutes, checked between epochs (a resumed run starts at an epoch's first batch, so stopping
+    inside one would drop its other batches): true when another epoch as long as the last would not fit in what
+    is left of this invocation's minutes. Agreed by all ranks (max)."""
+    if run.cfg.session_minutes is None:
+        return False
+    values = torch.tensor([time.perf_counter() - run.invoked, epoch_seconds], device=run.device)
+    if run.ranks.world_size > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    session, epoch = values.tolist()
+    return session + epoch > run.cfg.session_minutes * 60
 
 
 @torch.no_grad()
@@ -591,8 +606,11 @@ def restore(run: Run, path: Path) -> None:
     run.optimizer.load_state_dict(ckpt["optimizer"])
     load_scaler_state(run, ckpt)
     run.counters = {"skipped_steps": 0, **ckpt["counters"]}
-    run.total_steps = ckpt["total_steps"]
-    utils.set_rng_state(ckpt["rng"])
+    # The steps left at this world size (2D epochs have N // world_size // B steps): resumed on another number of
+    # GPUs, the schedule still ends with the last epoch. Same world size: the saved total.
+    run.total_steps = run.counters["step"] + (run.cfg.epochs - run.counters["epoch"]) * math.ceil(
+        len(run.source) / run.cfg.accumulate)
+    utils.set_rng_state(ckpt["rng"], cuda=run.device.type == "cuda")
     run.clock = run.counters["train_seconds"]
     run.set_lr()
     log.info("resumed %s after epoch %d (step %d, %.1f min trained, best mean foreground Dice %.4f at epoch %d)",
@@ -632,6 +650,9 @@ def fit(run: Run) -> str:
             utils.write_history(run.counters["history"], out)
             log.info(utils.format_epoch(row))
         barrier(run.ranks)
+        if not stop and epoch < cfg.epochs and session_spent(run, time.perf_counter() - started):
+            stop = (f"this session's {cfg.session_minutes} minutes are spent (another epoch would not fit); continue "
+                    f"the run with --resume")
     return stop or f"{cfg.epochs} epochs done"
 
 
@@ -649,6 +670,7 @@ def check_ranks_agree(run: Run) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    invoked = time.perf_counter()  # --session-minutes counts from here: start-up and a cold cache build included
     cfg, overrides = parse_config(argv, __doc__)
     ranks, device = init_distributed(cfg)
     try:
@@ -668,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.keep_freed_memory and utils.keep_freed_memory(device):
             log.debug("keeping freed CPU memory for reuse (--no-keep-freed-memory turns it off)")
         set_algorithms(cfg, device)
-        run = build_run(cfg, ranks, device)
+        run = build_run(cfg, ranks, device, invoked)
         if cfg.resume:
             restore(run, out / "last.pt")
             if done := run.finished():

@@ -64,11 +64,12 @@ def get_rng_state() -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], cuda: bool = True) -> None:
     """Restore what `get_rng_state` returned, wherever its tensors were loaded to (the generators need CPU
     tensors: a checkpoint loaded with map_location="cuda" would otherwise fail here).
 
-    The CUDA state goes to the current device when CUDA is available (and is ignored on a CPU machine).
+    The CUDA state goes to the current device when `cuda` (the run trains on a GPU) and CUDA is available; a CPU
+    run on a GPU node leaves CUDA alone (restoring would create a context on GPU 0 in every process).
     Checkpoints from before this format held `cuda`, one state per visible GPU: the first one is used, so a
     run saved with another number of GPUs still resumes.
     """
@@ -81,7 +82,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     cuda_state = state.get("cuda_device")
     if cuda_state is None and state.get("cuda"):
         cuda_state = state["cuda"][0]
-    if cuda_state is not None and torch.cuda.is_available():
+    if cuda and cuda_state is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(_cpu(cuda_state))
 
 
@@ -107,6 +108,8 @@ def choose_device(name: str | None = None) -> torch.device:
         device = parse_device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if device.type == "cuda" and device.index is None:  # torch.cuda.set_device needs an index
+            device = torch.device("cuda", torch.cuda.current_device())
         return device
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
@@ -205,9 +208,15 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) ->
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process umask, read without changing it (os.umask can only be read by setting it, which would give
+    files that other threads create meanwhile the wrong mode); 0o022 where /proc is not there."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -159,11 +159,17 @@ def test_resume_on_moved_data_checks_the_files_not_the_path(phantom_2d_dir, tmp_
     assert utils.load_checkpoint(run / "last.pt")["config"]["data_dir"] == str(moved)
 
 
-def test_options_of_one_invocation_do_not_come_back_on_resume(phantom_2d_dir, tmp_path):
-    run = tmp_path / "run"
-    assert train.main(tiny_args(phantom_2d_dir, run, "--epochs", 3, "--session-minutes", 0)) == 0
-    assert train.main(tiny_args(phantom_2d_dir, run, "--epochs", 3, "--resume")) == 0  # no session budget now
+def test_sessions_stop_between_epochs_and_do_not_come_back_on_resume(phantom_2d_dir, tmp_path):
+    """A --session-minutes stop ends an epoch (none of its batches is lost: the weights equal an uninterrupted
+    run's), and --session-minutes applies to that invocation only."""
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert train.main(tiny_args(phantom_2d_dir, straight, "--epochs", 3, "--no-amp")) == 0
+    assert train.main(tiny_args(phantom_2d_dir, run, "--epochs", 3, "--no-amp", "--session-minutes", 0)) == 0
+    assert len(read_metrics(run)) == 1
+    assert train.main(tiny_args(phantom_2d_dir, run, "--epochs", 3, "--no-amp", "--resume")) == 0  # no budget now
     assert len(read_metrics(run)) == 3
+    expected, resumed = _final_weights(straight), _final_weights(run)
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
 
 
 def test_a_run_folder_is_trained_by_one_process_at_a_time(phantom_2d_dir, tmp_path):

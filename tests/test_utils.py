@@ -164,3 +164,13 @@ def test_plot_progress_writes_png(tmp_path):
         history.append(row)
     utils.plot_progress(history, tmp_path / "progress.png")
     assert (tmp_path / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_device_cuda_gets_the_index_set_device_needs(monkeypatch):
+    """torch.cuda.set_device(torch.device("cuda")) raises: "--device cuda" must come back as cuda:N."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert utils.choose_device("cuda") == torch.device("cuda", 0)
+    assert utils.choose_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(SystemExit, match="--device gpu: not a device"):
+        utils.choose_device("gpu")
