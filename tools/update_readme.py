@@ -44,6 +44,7 @@ def results_block(run: Path) -> str:
         history = list(csv.DictReader(f))
     best = utils.best_epoch_row(history)
     summary = (run / "test" / "summary.md").read_text().split("\n", 2)[2]  # drop the title line
+    summary = summary.split("\n## ", 1)[0]  # the metrics table; the weekly and review sections are for the run
     budget = f"--max-minutes {config['max_minutes']:g}" if config.get("max_minutes") else f"--epochs {config['epochs']}"
     return (f"## Results on the phantom\n\nThe default 2D recipe, trained on this project's 2-core CPU with "
             f"`python train.py {budget}` ({len(history)} epochs; best validation mean foreground Dice "
