@@ -22,6 +22,8 @@ run's: pass its split.json with --split-file.
 
 Evaluating (a split or --score) writes metrics.csv, summary.json, summary.md, dice_boxplot.png,
 overlay_<class>.png and montage.png into OUT (see report.py); a split's own masks go to OUT/predictions/.
+With --checkpoint, OUT also gets the weekly report and the review list (weekly.csv, weekly.png, review.csv and
+their summary.md sections; see weekly.py and review.py).
 """
 
 from __future__ import annotations
@@ -241,7 +243,7 @@ def write_uncertainty(entropy: np.ndarray, pairs: list[dataset.Pair], spatial_di
     maps = entropy if spatial_dims == 2 else entropy[None]
     for index, pair in enumerate(pairs):
         reference = nib.load(str(pair.image))
-        name = (pair.label or pair.image).name.replace(".nii", "_entropy.nii")
+        name = scoring.side_name((pair.label or pair.image).name, "entropy")
         write_nifti(out / name, np.ascontiguousarray(maps[index].reshape(reference.shape), np.float32), reference)
 
 

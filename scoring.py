@@ -36,10 +36,19 @@ log = logging.getLogger("hipmri.scoring")
 LISTED = 20  # problems of one kind listed before "... and N more"
 
 
+# What predict.py may write beside a mask (--save-probs, --save-uncertainty): never a mask to score.
+SIDE_FILES = {"probs": "probabilities (--save-probs)", "entropy": "uncertainty (--save-uncertainty)"}
+
+
+def side_name(name: str, kind: str) -> str:
+    """Where predict.py writes the `kind` (a SIDE_FILES key) of the mask `name`: seg_..._slice_7_probs.nii.gz."""
+    stem = nifti_stem(name)
+    return f"{stem}_{kind}{name[len(stem):]}"
+
+
 def probs_name(name: str) -> str:
     """Where --save-probs puts the probabilities of the mask `name`: seg_..._slice_7_probs.nii.gz."""
-    stem = nifti_stem(name)
-    return f"{stem}_probs{name[len(stem):]}"
+    return side_name(name, "probs")
 
 
 # ---------------------------------------------------------------- one path to the reports
@@ -113,8 +122,9 @@ def index_masks(pred_dir: Path, names: dict[str, MaskSlot], problems: dict[str, 
     for path in sorted(p for p in pred_dir.iterdir() if p.is_file() and is_nifti(p.name)):
         stem = nifti_stem(path.name).lower()
         slot = names.get(stem)
-        if slot is None and stem.endswith("_probs") and stem.removesuffix("_probs") in names:
-            log.info("%s: probabilities written by --save-probs, not a mask; not scored", path)
+        side = next((kind for kind in SIDE_FILES if stem.endswith(f"_{kind}")), None)
+        if slot is None and side is not None and stem.removesuffix(f"_{side}") in names:
+            log.info("%s: %s of a mask, not a mask; not scored", path, SIDE_FILES[side])
         elif slot is None:
             problems["extra mask (matches no scan of the split)"].append(str(path))
         elif slot in found:
@@ -218,7 +228,7 @@ def load_masks(pred_dir: Path, cases: cache.CaseSet) -> list[np.ndarray]:
     Every mask is checked first; DataError listing all problems, by kind: a mask missing for a scan (or for
     some of its slices), an extra mask (matching no scan of the split: another split's, or a name that follows
     no naming), two masks for one file, a volume beside slice masks, and each bad mask (unreadable, values not
-    classes 0..5, another shape, another geometry). Files named like `probs_name` of a mask are skipped.
+    classes 0..5, another shape, another geometry). Files named like `side_name` of a mask are skipped.
     """
     problems: dict[str, list[str]] = defaultdict(list)
     found = index_masks(pred_dir, accepted_names(cases), problems)

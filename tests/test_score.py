@@ -14,6 +14,7 @@ import torch
 
 import dataset
 import predict
+import scoring
 import train
 
 TINY = ["--features", "4", "8", "--batch-size", "2", "--steps-per-epoch", "2", "--epochs", "1"]
@@ -96,6 +97,18 @@ def test_our_masks_rescored_give_identical_reports(evaluated_2d, phantom_2d_dir,
         assert (tmp_path / "scored" / name).read_text() == (out / name).read_text(), name
     for name in ("summary.md", "dice_boxplot.png", "montage.png", "overlay_body.png"):
         assert (tmp_path / "scored" / name).is_file(), name
+
+
+def test_probabilities_and_uncertainty_beside_the_masks_are_not_scored(evaluated_2d, phantom_2d_dir, cache_dir,
+                                                                        tmp_path):
+    """--save-probs and --save-uncertainty write float maps into predictions/: --score leaves them out."""
+    pred_dir = tmp_path / "predictions"
+    shutil.copytree(evaluated_2d["test"] / "predictions", pred_dir)
+    first = sorted(pred_dir.iterdir())[0]
+    for kind in scoring.SIDE_FILES:
+        shutil.copy(first, pred_dir / scoring.side_name(first.name, kind))
+    assert score(pred_dir, phantom_2d_dir, tmp_path / "scored", cache_dir, "--split", "test") == 0
+    assert (tmp_path / "scored" / "summary.json").read_text() == (evaluated_2d["test"] / "summary.json").read_text()
 
 
 def test_per_scan_volumes_for_2d_are_accepted(evaluated_2d, phantom_2d_dir, cache_dir, tmp_path):
