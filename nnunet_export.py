@@ -324,7 +324,8 @@ def next_steps(result: ExportResult, data_dir: str | Path) -> str:
         f"cp {result.folder.resolve()}/splits_final.json $nnUNet_preprocessed/{name}/splits_final.json",
         f"for fold in {folds}; do nnUNetv2_train {n} {config} $fold; done",
         f"nnUNetv2_predict -i $nnUNet_raw/{name}/imagesTs -o nnunet_pred -d {n} -c {config} -f {folds}",
-        f"python predict.py --score nnunet_pred --data-dir {data_dir} --split test --out nnunet_scores",
+        f"python predict.py --score nnunet_pred --data-dir {data_dir} --dims {result.dims} --split test "
+        f"--out nnunet_scores" + (f" --split-file {result.folder.resolve()}/split.json" if result.dims == 3 else ""),
     ]
     return "\n".join(lines)
 

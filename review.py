@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,13 +168,24 @@ class Review:
             self._slices[scan].append((slice_index, Path(path), pred[0], sums, (spacing[2], spacing[0], spacing[1])))
 
     def _stack_slices(self) -> None:
-        """2D --input: each scan's slices stacked in slice order into one scan."""
+        """2D --input: each scan's slices stacked in slice order into one scan. A scan whose slices are not all of
+        0..n-1, n the most common count among the scans given (60 in HipMRI), is left out, named: an incomplete
+        scan's volumes would read as a shrinking organ."""
+        counts = Counter(len({s[0] for s in slices}) for slices in self._slices.values())
+        usual_count = counts.most_common(1)[0][0] if counts else 0
         for scan, slices in sorted(self._slices.items()):
             slices.sort(key=lambda s: s[0])
             indices = [s[0] for s in slices]
             shapes = {s[2].shape for s in slices}
-            if len(set(indices)) < len(indices) or len(shapes) > 1:
-                why = "two files of one slice" if len(set(indices)) < len(indices) else f"slice shapes {shapes}"
+            why = ""
+            if len(set(indices)) < len(indices):
+                why = "two files of one slice"
+            elif len(shapes) > 1:
+                why = f"slice shapes {shapes}"
+            elif indices != list(range(len(indices))) or len(indices) < usual_count:
+                why = (f"slices {indices[0]}..{indices[-1]} ({len(indices)} files), not all of 0..{usual_count - 1}: "
+                       f"its volumes would be a part's")
+            if why:
                 self.left_out += [(s[1], f"scan {scan.key} has {why}") for s in slices]
                 continue
             inside = sum(s[3][0] for s in slices)

@@ -240,7 +240,8 @@ def weekly_markdown(rows: list[dict]) -> str:
     """summary.md section: per organ, the mean absolute week-to-week volume change, predicted vs true, and the
     mean absolute week-to-week change of Dice (n/a without labels)."""
     lines = ["## Weekly volumes", "",
-             "Per organ, between consecutive available weeks of each patient (weekly.csv has every value):", "",
+             "Per organ, between consecutive available weeks of each patient (weekly.csv has each week's volume and "
+             "its change from the patient's first week):", "",
              "| organ | mean abs. change predicted (ml) | true (ml) | mean abs. change of Dice |", "|---|---|---|---|"]
     for organ in ORGANS:
         pred, true, dice = (_mean(_week_to_week(rows, organ, c)) for c in ("pred_ml", "true_ml", "dice"))

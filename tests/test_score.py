@@ -284,3 +284,9 @@ def test_help_names_the_three_modes(capsys):
     text = capsys.readouterr().out
     for mode in ("evaluate a split", "unlabelled images", "score masks", "(H, n_slices, W)", "--split-file"):
         assert mode in text
+
+
+def test_side_files_keep_the_masks_suffix_in_any_case():
+    """An uppercase .NII.GZ must not turn the entropy map's name into the mask's own name (it overwrote it)."""
+    assert scoring.side_name("CASE_006_WEEK1_LFOV.NII.GZ", "entropy") == "CASE_006_WEEK1_LFOV_entropy.NII.GZ"
+    assert scoring.side_name("seg_004_week_0_slice_7.nii", "probs") == "seg_004_week_0_slice_7_probs.nii"

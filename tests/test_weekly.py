@@ -318,3 +318,17 @@ def test_predict_input_groups_named_files_and_writes_uncertainty(weekly_run, wee
     assert entropy.shape == nib.load(images[0]).shape and entropy.get_data_dtype() == np.float32
     values = entropy.get_fdata()
     assert values.min() >= 0 and values.max() <= 1
+
+
+def test_an_incomplete_2d_scan_is_left_out_not_reported_as_a_shrunk_organ(phantom_2d_dir):
+    """--input given all 60 slices of one scan but only slices 10..20 of another: the second is named, not used."""
+    reviewer = review.Review(2, None)
+    complete = sorted((phantom_2d_dir / "keras_slices_seg_validate").iterdir())
+    partial = [p for p in (phantom_2d_dir / "keras_slices_seg_test").iterdir()
+               if 10 <= int(p.name.split("_slice_")[1].split(".")[0]) <= 20]
+    for path in complete + partial:
+        label = dataset.read_label(path)[None]
+        reviewer.add_file(path, label, _one_hot(label), nib.load(str(path)))
+    reviewer.finish()
+    assert [s.scan.key for s in reviewer.signals] == ["case_005_week_0"]
+    assert len(reviewer.left_out) == 11 and "not all of 0..59" in reviewer.left_out[0][1]
