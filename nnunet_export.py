@@ -304,7 +304,7 @@ def _write_cases(folder: Path, scans: dict[str, list[Pair]], splits: dict[str, l
             (folder / f"{sub}{suffix}").mkdir(exist_ok=True)
         tasks += [(scans[key], folder / f"images{suffix}" / f"{key}_{CHANNEL}{FILE_ENDING}",
                    folder / f"labels{suffix}" / f"{key}{FILE_ENDING}") for key in keys]
-    workers = workers or min(2, os.cpu_count() or 1)
+    workers = workers or dataset.default_workers()
     for key, shape in dataset.parallel_map(_write_case, tasks, workers, "exporting", "scan"):
         log.debug("%s: %s", key, shape)
 

@@ -233,7 +233,7 @@ def write_case_masks(case_labels: np.ndarray, probs: torch.Tensor | None, pairs:
         if probs is not None:
             case_probs = probs[:, index] if spatial_dims == 2 else probs
             channels_last = np.moveaxis(case_probs.cpu().numpy(), 0, -1)
-            write_nifti(out / scoring.probs_name(name), channels_last, reference)
+            write_nifti(out / scoring.side_name(name, "probs"), channels_last, reference)
         written.append(out / name)
     return written
 

@@ -46,11 +46,6 @@ def side_name(name: str, kind: str) -> str:
     return f"{stem}_{kind}{name[len(stem):]}"
 
 
-def probs_name(name: str) -> str:
-    """Where --save-probs puts the probabilities of the mask `name`: seg_..._slice_7_probs.nii.gz."""
-    return side_name(name, "probs")
-
-
 # ---------------------------------------------------------------- one path to the reports
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import math
 import os
@@ -409,16 +408,12 @@ def inherit_split(source: Path, split_file: Path) -> None:
     """--init-from in 3D: the new run keeps the patient split of the run it starts from, so patients that run
     trained on never become this run's validation or test patients."""
     if source.is_file():
-        dataset.save_split(split_file, *_split_record(source))
+        dataset.load_split_file(source)  # DataError naming it if it is not a split file
+        utils.atomic_write_bytes(split_file, source.read_bytes())
         log.info("using the patient split of the run the weights come from (%s)", source)
     else:
         log.warning("%s not found: drawing a new patient split, whose validation and test patients the weights may "
                     "have been trained on", source)
-
-
-def _split_record(path: Path) -> tuple[dict, int, list]:
-    record = json.loads(path.read_text())
-    return dataset.load_split_file(path), record.get("seed", 0), record.get("ratios", [])
 
 
 def lock_run(out: Path):
